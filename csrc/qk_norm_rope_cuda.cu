@@ -1,0 +1,212 @@
+// CUDA kernels of the fused QK-RMSNorm + RoPE op (math in qk_norm_rope_math.h, shared with the CPU build).
+//
+// Memory-bound: q and k are read once and written once. A persistent grid walks over tokens; one token's
+// 2*H rows (q heads then k heads) share its angle row, so each thread computes its cos/sin once per token and
+// reuses them for every head (64x fewer sincos than one per element). A row of D elements is handled by TPR
+// threads: thread `lane` owns VEC elements at i0 = lane*VEC in the first half and their rotate-half partners
+// at i0 + D/2, so a pair never crosses threads; the row's sum of squares is a shuffle reduction over TPR lanes.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "qk_norm_rope.h"
+#include "qk_norm_rope_math.h"
+
+namespace mvkernels {
+namespace {
+
+template <typename T> struct Acc { using type = float; };
+template <> struct Acc<double> { using type = double; };
+
+__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_acc(float v) { return v; }
+__device__ __forceinline__ double to_acc(double v) { return v; }
+template <typename T> __device__ __forceinline__ T from_acc(float v);
+template <> __device__ __forceinline__ __nv_bfloat16 from_acc(float v) { return __float2bfloat16_rn(v); }
+template <> __device__ __forceinline__ __half from_acc(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ float from_acc(float v) { return v; }
+template <typename T> __device__ __forceinline__ T from_acc(double v) { return T(v); }
+
+__device__ __forceinline__ void sincos_acc(float a, float* s, float* c) { sincosf(a, s, c); }
+__device__ __forceinline__ void sincos_acc(double a, double* s, double* c) { sincos(a, s, c); }
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack { T v[N]; };
+
+template <typename T, int VEC>
+__device__ __forceinline__ void load(const T* p, typename Acc<T>::type (&x)[VEC]) {
+  Pack<T, VEC> pk = *reinterpret_cast<const Pack<T, VEC>*>(p);
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) x[j] = to_acc(pk.v[j]);
+}
+
+template <typename T, int VEC>
+__device__ __forceinline__ void store(T* p, const typename Acc<T>::type (&x)[VEC]) {
+  Pack<T, VEC> pk;
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) pk.v[j] = from_acc<T>(x[j]);
+  *reinterpret_cast<Pack<T, VEC>*>(p) = pk;
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t group_sum(acc_t v, int tpr) {
+  for (int off = tpr / 2; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+
+template <typename T, int VEC, bool BACKWARD>
+__global__ void qk_norm_rope_kernel(const QKNormRopeArgs a, int tpr) {
+  using acc_t = typename Acc<T>::type;
+  extern __shared__ unsigned char smem_raw[];
+  acc_t* s_dw = reinterpret_cast<acc_t*>(smem_raw);  // [2, D], backward only
+
+  const int D = int(a.D), half = D / 2, H = int(a.H);
+  const int lane = threadIdx.x % tpr, rows_per_pass = blockDim.x / tpr, my_row = threadIdx.x / tpr;
+  const int i0 = lane * VEC;
+  const int64_t n_tokens = a.B * a.S;
+
+  const acc_t* wq_p = static_cast<const acc_t*>(a.wq);
+  const acc_t* wk_p = static_cast<const acc_t*>(a.wk);
+  acc_t wq[2][VEC], wk[2][VEC], dwq[2][VEC], dwk[2][VEC];
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) {
+    wq[0][j] = wq_p[i0 + j]; wq[1][j] = wq_p[half + i0 + j];
+    wk[0][j] = wk_p[i0 + j]; wk[1][j] = wk_p[half + i0 + j];
+    dwq[0][j] = dwq[1][j] = dwk[0][j] = dwk[1][j] = acc_t(0);
+  }
+
+  for (int64_t tok = blockIdx.x; tok < n_tokens; tok += gridDim.x) {
+    const int64_t b = tok / a.S, s = tok % a.S;
+    acc_t c[2][VEC], sn[2][VEC];
+    const float* ang = a.angles + s * a.ang_ss + i0;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      sincos_acc(acc_t(ang[j]), &sn[0][j], &c[0][j]);
+      sincos_acc(acc_t(ang[half + j]), &sn[1][j], &c[1][j]);
+    }
+    // Every thread runs the same number of passes so the shuffles always see the whole warp.
+    for (int base = 0; base < 2 * H; base += rows_per_pass) {
+      const int row = base + my_row;
+      const bool active = row < 2 * H;
+      const bool is_q = row < H;
+      const int h = is_q ? row : row - H;
+      const T* src = static_cast<const T*>(is_q ? a.q : a.k) +
+                     (is_q ? b * a.q_sb + s * a.q_ss + h * a.q_sh : b * a.k_sb + s * a.k_ss + h * a.k_sh);
+      const int64_t o = ((b * a.S + s) * H + h) * D;
+      acc_t x[2][VEC] = {};
+      if (active) { load<T, VEC>(src + i0, x[0]); load<T, VEC>(src + half + i0, x[1]); }
+      acc_t ss = 0;
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) ss += x[0][j] * x[0][j] + x[1][j] * x[1][j];
+      const acc_t r = rms_inv<acc_t>(group_sum(ss, tpr), D, acc_t(a.eps));
+      // Select per element (not a reference to one array) so the arrays stay in registers.
+      acc_t w[2][VEC];
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) { w[0][j] = is_q ? wq[0][j] : wk[0][j]; w[1][j] = is_q ? wq[1][j] : wk[1][j]; }
+      if (!BACKWARD) {
+        acc_t out[2][VEC];
+#pragma unroll
+        for (int j = 0; j < VEC; ++j)
+          rope_pair_fwd<acc_t>(x[0][j] * r * w[0][j], x[1][j] * r * w[1][j], c[0][j], sn[0][j], c[1][j], sn[1][j],
+                               out[0][j], out[1][j]);
+        if (active) {
+          T* dst = static_cast<T*>(is_q ? a.q_out : a.k_out) + o;
+          store<T, VEC>(dst + i0, out[0]); store<T, VEC>(dst + half + i0, out[1]);
+        }
+      } else {
+        acc_t g[2][VEC] = {}, dxh[2][VEC];
+        if (active) {
+          const T* gsrc = static_cast<const T*>(is_q ? a.gq : a.gk) + o;
+          load<T, VEC>(gsrc + i0, g[0]); load<T, VEC>(gsrc + half + i0, g[1]);
+        }
+        acc_t dot = 0;
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+          acc_t dy0, dy1;
+          rope_pair_bwd<acc_t>(g[0][j], g[1][j], c[0][j], sn[0][j], c[1][j], sn[1][j], dy0, dy1);
+          const acc_t e0 = dy0 * x[0][j] * r, e1 = dy1 * x[1][j] * r;
+          dwq[0][j] += is_q ? e0 : acc_t(0); dwq[1][j] += is_q ? e1 : acc_t(0);
+          dwk[0][j] += is_q ? acc_t(0) : e0; dwk[1][j] += is_q ? acc_t(0) : e1;
+          dxh[0][j] = dy0 * w[0][j];
+          dxh[1][j] = dy1 * w[1][j];
+          dot += (dxh[0][j] * x[0][j] + dxh[1][j] * x[1][j]) * r;
+        }
+        const acc_t dot_over_d = group_sum(dot, tpr) / acc_t(D);
+        acc_t dx[2][VEC];
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+          dx[0][j] = rms_grad<acc_t>(dxh[0][j], x[0][j] * r, dot_over_d, r);
+          dx[1][j] = rms_grad<acc_t>(dxh[1][j], x[1][j] * r, dot_over_d, r);
+        }
+        if (active) {
+          T* dst = static_cast<T*>(is_q ? a.q_out : a.k_out) + o;
+          store<T, VEC>(dst + i0, dx[0]); store<T, VEC>(dst + half + i0, dx[1]);
+        }
+      }
+    }
+  }
+
+  if (BACKWARD) {  // reduce this block's weight gradients, then one partial row per block
+    for (int i = threadIdx.x; i < 2 * D; i += blockDim.x) s_dw[i] = acc_t(0);
+    __syncthreads();
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      atomicAdd(&s_dw[i0 + j], dwq[0][j]); atomicAdd(&s_dw[half + i0 + j], dwq[1][j]);
+      atomicAdd(&s_dw[D + i0 + j], dwk[0][j]); atomicAdd(&s_dw[D + half + i0 + j], dwk[1][j]);
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < 2 * D; i += blockDim.x) a.dw_partial[blockIdx.x * 2 * D + i] = float(s_dw[i]);
+  }
+}
+
+void check(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) throw std::runtime_error(std::string("mvkernels qk_norm_rope ") + what + ": " + cudaGetErrorString(e));
+}
+
+template <typename T, int VEC, bool BACKWARD>
+void launch_typed(const QKNormRopeArgs& a, int64_t stream) {
+  using acc_t = typename Acc<T>::type;
+  const int tpr = int(a.D / 2 / VEC);
+  if (tpr < 1 || tpr > 32 || (tpr & (tpr - 1)) != 0 || tpr * VEC * 2 != a.D)
+    throw std::invalid_argument("mvkernels qk_norm_rope: head dim " + std::to_string(a.D) + " unsupported on CUDA with vector width " + std::to_string(VEC));
+  int threads = int(2 * a.H * tpr);
+  threads = threads < 32 ? 32 : (threads > 256 ? 256 : (threads + 31) / 32 * 32);
+  threads = threads / tpr * tpr;
+  const size_t smem = BACKWARD ? 2 * a.D * sizeof(acc_t) : 0;
+  // Forward: one token per block (plenty of blocks). Backward: the caller fixed the grid (n_chunks) because it
+  // allocated one partial weight-gradient row per block.
+  const int64_t n_tokens = a.B * a.S;
+  const int64_t grid = BACKWARD ? a.n_chunks : (n_tokens < 65535 * 32 ? n_tokens : 65535 * 32);
+  if (grid == 0) return;
+  qk_norm_rope_kernel<T, VEC, BACKWARD><<<unsigned(grid), threads, smem, reinterpret_cast<cudaStream_t>(stream)>>>(a, tpr);
+  check(cudaGetLastError(), "launch");
+}
+
+template <bool BACKWARD>
+void launch(const QKNormRopeArgs& a, int vec, int64_t stream) {
+  auto by_vec = [&](auto tag, auto... vecs) {
+    using T = decltype(tag);
+    bool done = false;
+    ((vec == decltype(vecs)::value ? (launch_typed<T, decltype(vecs)::value, BACKWARD>(a, stream), done = true) : false), ...);
+    if (!done) throw std::invalid_argument("mvkernels qk_norm_rope: vector width " + std::to_string(vec) + " unsupported");
+  };
+  using V1 = std::integral_constant<int, 1>; using V2 = std::integral_constant<int, 2>;
+  using V4 = std::integral_constant<int, 4>; using V8 = std::integral_constant<int, 8>;
+  switch (a.dtype) {
+    case DType::bf16: by_vec(__nv_bfloat16{}, V1{}, V2{}, V4{}, V8{}); break;
+    case DType::f16: by_vec(__half{}, V1{}, V2{}, V4{}, V8{}); break;
+    case DType::f32: by_vec(float{}, V1{}, V2{}, V4{}); break;
+    case DType::f64: by_vec(double{}, V1{}, V2{}); break;
+  }
+}
+
+}  // namespace
+
+void qk_norm_rope_fwd_cuda(const QKNormRopeArgs& a, int vec, int64_t stream) { launch<false>(a, vec, stream); }
+void qk_norm_rope_bwd_cuda(const QKNormRopeArgs& a, int vec, int64_t stream) { launch<true>(a, vec, stream); }
+
+}  // namespace mvkernels
