@@ -1,10 +1,10 @@
 // CUDA kernels of the fused QK-RMSNorm + RoPE op (math in qk_norm_rope_math.h, shared with the CPU build).
 //
-// Memory-bound: q and k are read once and written once. A persistent grid walks over tokens; one token's
-// 2*H rows (q heads then k heads) share its angle row, so each thread computes its cos/sin once per token and
-// reuses them for every head (64x fewer sincos than one per element). A row of D elements is handled by TPR
-// threads: thread `lane` owns VEC elements at i0 = lane*VEC in the first half and their rotate-half partners
-// at i0 + D/2, so a pair never crosses threads; the row's sum of squares is a shuffle reduction over TPR lanes.
+// Memory-bound: q and k are read once and written once. Blocks walk over tokens; one token's 2*H rows (q heads
+// then k heads) share its angle row, so the block computes the D cos/sin values once into shared memory and
+// every head reuses them. A row of D elements is handled by TPR threads: thread `lane` owns VEC elements at
+// i0 = lane*VEC in the first half and their rotate-half partners at i0 + D/2, so a pair never crosses threads;
+// the row's sum of squares is a shuffle reduction over TPR lanes.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -62,7 +62,9 @@ template <typename T, int VEC, bool BACKWARD>
 __global__ void qk_norm_rope_kernel(const QKNormRopeArgs a, int tpr) {
   using acc_t = typename Acc<T>::type;
   extern __shared__ unsigned char smem_raw[];
-  acc_t* s_dw = reinterpret_cast<acc_t*>(smem_raw);  // [2, D], backward only
+  acc_t* s_cos = reinterpret_cast<acc_t*>(smem_raw);  // [D]
+  acc_t* s_sin = s_cos + a.D;                          // [D]
+  acc_t* s_dw = s_sin + a.D;                           // [2, D], backward only
 
   const int D = int(a.D), half = D / 2, H = int(a.H);
   const int lane = threadIdx.x % tpr, rows_per_pass = blockDim.x / tpr, my_row = threadIdx.x / tpr;
@@ -81,12 +83,15 @@ __global__ void qk_norm_rope_kernel(const QKNormRopeArgs a, int tpr) {
 
   for (int64_t tok = blockIdx.x; tok < n_tokens; tok += gridDim.x) {
     const int64_t b = tok / a.S, s = tok % a.S;
+    // cos/sin of the token's D angles: computed once per block into shared memory (not once per row group).
+    __syncthreads();  // the previous token's table is no longer read
+    for (int i = threadIdx.x; i < D; i += blockDim.x) sincos_acc(acc_t(a.angles[s * a.ang_ss + i]), &s_sin[i], &s_cos[i]);
+    __syncthreads();
     acc_t c[2][VEC], sn[2][VEC];
-    const float* ang = a.angles + s * a.ang_ss + i0;
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
-      sincos_acc(acc_t(ang[j]), &sn[0][j], &c[0][j]);
-      sincos_acc(acc_t(ang[half + j]), &sn[1][j], &c[1][j]);
+      c[0][j] = s_cos[i0 + j]; sn[0][j] = s_sin[i0 + j];
+      c[1][j] = s_cos[half + i0 + j]; sn[1][j] = s_sin[half + i0 + j];
     }
     // Every thread runs the same number of passes so the shuffles always see the whole warp.
     for (int base = 0; base < 2 * H; base += rows_per_pass) {
@@ -176,7 +181,7 @@ void launch_typed(const QKNormRopeArgs& a, int64_t stream) {
   int threads = int(2 * a.H * tpr);
   threads = threads < 32 ? 32 : (threads > 256 ? 256 : (threads + 31) / 32 * 32);
   threads = threads / tpr * tpr;
-  const size_t smem = BACKWARD ? 2 * a.D * sizeof(acc_t) : 0;
+  const size_t smem = (BACKWARD ? 4 : 2) * a.D * sizeof(acc_t);
   // Forward: one token per block (plenty of blocks). Backward: the caller fixed the grid (n_chunks) because it
   // allocated one partial weight-gradient row per block.
   const int64_t n_tokens = a.B * a.S;
