@@ -123,3 +123,20 @@ def test_forced_backend_missing_raises(backend):
     q, k, wq, wk, a = make(1, 5, 2, 8, torch.float32, "cpu")
     with pytest.raises(RuntimeError, match="no 'triton' backend"):
         mvkernels.qk_norm_rope(q, k, wq, wk, a)
+
+
+@pytest.mark.parametrize("offset", [1, 2, 4])
+def test_unaligned_views_use_narrower_vectors(offset, device, backend):
+    """Views starting off a 16-byte boundary (vector widths 1, 2, 4 on CUDA) give the same result."""
+    backend("csrc")
+    B, S, H, D = 1, 9, 3, 64
+    g = torch.Generator().manual_seed(3)
+    buf = torch.randn(B, S, H, D + 8, generator=g).to(device=device, dtype=torch.bfloat16)
+    q = buf[..., offset:offset + D]
+    k = (buf[..., offset:offset + D] * 0.5 + 1)
+    _, _, wq, wk, angles = make(B, S, H, D, torch.bfloat16, device)
+    ours = mvkernels.qk_norm_rope(q, k, wq, wk, angles)
+    pt = qk_norm_rope_reference(q, k, wq, wk, angles)
+    r = ref64(q, k, wq, wk, angles)
+    for o, p, rr in zip(ours, pt, r):
+        assert_close_rule(o, p, rr, 2, f"offset {offset}")
