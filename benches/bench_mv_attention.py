@@ -285,6 +285,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="S=12,720 and 63,600 dense, ring1/fused/cross at 63,600")
     ap.add_argument("--only", default="dense,ring1,fused,cross", help="comma list of cases")
     ap.add_argument("--rep", type=int, default=10)
+    ap.add_argument("--sizes", default=None, help="comma list of dense sizes (overrides --quick)")
+    ap.add_argument("--modes", default="fwd,fwdbwd", help="fwd, fwdbwd or both")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA GPU: nothing to time")
@@ -294,17 +296,20 @@ def main():
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", __import__("triton").__version__)
     rows = []
     sizes = SIZES[:2] if args.quick else SIZES
+    if args.sizes:
+        sizes = tuple(int(x) for x in args.sizes.split(","))
+    modes = tuple(args.modes.split(","))
     if "dense" in only:
         for S in sizes:
-            rows += case_dense(S, timer)
-            _print(rows[-6:])
+            rows += case_dense(S, timer, modes=modes)
+            _print(rows[-3 * len(modes):])
     for name, fn in (("ring1", case_ring1), ("fused", case_fused), ("cross", case_cross)):
         if name in only:
             try:
-                rows += fn(63_600, timer)
+                rows += fn(63_600, timer, modes=modes)
             except Exception as exc:  # a failing peer must not hide the other numbers
                 print(f"{name}: failed: {type(exc).__name__}: {exc}")
-            _print(rows[-4:])
+            _print(rows[-2 * len(modes):])
     print("\n=== summary ===")
     _print(rows)
     _best_configs()

@@ -42,6 +42,7 @@ def main(argv=None) -> int:
     if args.update:
         old = json.loads(base_path.read_text()) if base_path.exists() else {}
         old.update(run)
+        BASELINES.mkdir(exist_ok=True)
         base_path.write_text(json.dumps(dict(sorted(old.items())), indent=1) + "\n")
         print(f"baseline for {gpu}: {len(run)} medians written to {base_path}")
         return 0

@@ -59,7 +59,7 @@ __device__ __forceinline__ acc_t group_sum(acc_t v, int tpr) {
 }
 
 template <typename T, int VEC, bool BACKWARD>
-__global__ void qk_norm_rope_kernel(const QKNormRopeArgs a, int tpr) {
+__global__ void __launch_bounds__(512, 2) qk_norm_rope_kernel(const QKNormRopeArgs a, int tpr) {
   using acc_t = typename Acc<T>::type;
   extern __shared__ unsigned char smem_raw[];
   acc_t* s_cos = reinterpret_cast<acc_t*>(smem_raw);  // [D]
@@ -81,8 +81,26 @@ __global__ void qk_norm_rope_kernel(const QKNormRopeArgs a, int tpr) {
     dwq[0][j] = dwq[1][j] = dwk[0][j] = dwk[1][j] = acc_t(0);
   }
 
+  // Loads of a row (x, and in backward the output gradient g): issued before anything waits.
+  auto load_row = [&](int64_t b, int64_t s, int row, acc_t (&x)[2][VEC], acc_t (&g)[2][VEC]) {
+    const bool is_q = row < H;
+    const int h = is_q ? row : row - H;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) x[0][j] = x[1][j] = g[0][j] = g[1][j] = acc_t(0);
+    if (row >= 2 * H) return;
+    const T* src = static_cast<const T*>(is_q ? a.q : a.k) +
+                   (is_q ? b * a.q_sb + s * a.q_ss + h * a.q_sh : b * a.k_sb + s * a.k_ss + h * a.k_sh);
+    load<T, VEC>(src + i0, x[0]); load<T, VEC>(src + half + i0, x[1]);
+    if (BACKWARD) {
+      const T* gsrc = static_cast<const T*>(is_q ? a.gq : a.gk) + ((b * a.S + s) * H + h) * D;
+      load<T, VEC>(gsrc + i0, g[0]); load<T, VEC>(gsrc + half + i0, g[1]);
+    }
+  };
+
   for (int64_t tok = blockIdx.x; tok < n_tokens; tok += gridDim.x) {
     const int64_t b = tok / a.S, s = tok % a.S;
+    acc_t x[2][VEC], g[2][VEC];
+    load_row(b, s, my_row, x, g);  // in flight while the angle table is computed
     // cos/sin of the token's D angles: computed once per block into shared memory (not once per row group).
     __syncthreads();  // the previous token's table is no longer read
     for (int i = threadIdx.x; i < D; i += blockDim.x) sincos_acc(acc_t(a.angles[s * a.ang_ss + i]), &s_sin[i], &s_cos[i]);
@@ -99,36 +117,22 @@ __global__ void qk_norm_rope_kernel(const QKNormRopeArgs a, int tpr) {
       const bool active = row < 2 * H;
       const bool is_q = row < H;
       const int h = is_q ? row : row - H;
-      const T* src = static_cast<const T*>(is_q ? a.q : a.k) +
-                     (is_q ? b * a.q_sb + s * a.q_ss + h * a.q_sh : b * a.k_sb + s * a.k_ss + h * a.k_sh);
       const int64_t o = ((b * a.S + s) * H + h) * D;
-      acc_t x[2][VEC] = {};
-      if (active) { load<T, VEC>(src + i0, x[0]); load<T, VEC>(src + half + i0, x[1]); }
       acc_t ss = 0;
 #pragma unroll
       for (int j = 0; j < VEC; ++j) ss += x[0][j] * x[0][j] + x[1][j] * x[1][j];
       const acc_t r = rms_inv<acc_t>(group_sum(ss, tpr), D, acc_t(a.eps));
       // Select per element (not a reference to one array) so the arrays stay in registers.
-      acc_t w[2][VEC];
+      acc_t w[2][VEC], res[2][VEC];
 #pragma unroll
       for (int j = 0; j < VEC; ++j) { w[0][j] = is_q ? wq[0][j] : wk[0][j]; w[1][j] = is_q ? wq[1][j] : wk[1][j]; }
       if (!BACKWARD) {
-        acc_t out[2][VEC];
 #pragma unroll
         for (int j = 0; j < VEC; ++j)
           rope_pair_fwd<acc_t>(x[0][j] * r * w[0][j], x[1][j] * r * w[1][j], c[0][j], sn[0][j], c[1][j], sn[1][j],
-                               out[0][j], out[1][j]);
-        if (active) {
-          T* dst = static_cast<T*>(is_q ? a.q_out : a.k_out) + o;
-          store<T, VEC>(dst + i0, out[0]); store<T, VEC>(dst + half + i0, out[1]);
-        }
+                               res[0][j], res[1][j]);
       } else {
-        acc_t g[2][VEC] = {}, dxh[2][VEC];
-        if (active) {
-          const T* gsrc = static_cast<const T*>(is_q ? a.gq : a.gk) + o;
-          load<T, VEC>(gsrc + i0, g[0]); load<T, VEC>(gsrc + half + i0, g[1]);
-        }
-        acc_t dot = 0;
+        acc_t dxh[2][VEC], dot = 0;
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
           acc_t dy0, dy1;
@@ -141,16 +145,16 @@ __global__ void qk_norm_rope_kernel(const QKNormRopeArgs a, int tpr) {
           dot += (dxh[0][j] * x[0][j] + dxh[1][j] * x[1][j]) * r;
         }
         const acc_t dot_over_d = group_sum(dot, tpr) / acc_t(D);
-        acc_t dx[2][VEC];
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
-          dx[0][j] = rms_grad<acc_t>(dxh[0][j], x[0][j] * r, dot_over_d, r);
-          dx[1][j] = rms_grad<acc_t>(dxh[1][j], x[1][j] * r, dot_over_d, r);
+          res[0][j] = rms_grad<acc_t>(dxh[0][j], x[0][j] * r, dot_over_d, r);
+          res[1][j] = rms_grad<acc_t>(dxh[1][j], x[1][j] * r, dot_over_d, r);
         }
-        if (active) {
-          T* dst = static_cast<T*>(is_q ? a.q_out : a.k_out) + o;
-          store<T, VEC>(dst + i0, dx[0]); store<T, VEC>(dst + half + i0, dx[1]);
-        }
+      }
+      if (base + rows_per_pass < 2 * H) load_row(b, s, row + rows_per_pass, x, g);  // next pass's loads
+      if (active) {
+        T* dst = static_cast<T*>(is_q ? a.q_out : a.k_out) + o;
+        store<T, VEC>(dst + i0, res[0]); store<T, VEC>(dst + half + i0, res[1]);
       }
     }
   }
@@ -179,7 +183,7 @@ void launch_typed(const QKNormRopeArgs& a, int64_t stream) {
   if (tpr < 1 || tpr > 32 || (tpr & (tpr - 1)) != 0 || tpr * VEC * 2 != a.D)
     throw std::invalid_argument("mvkernels qk_norm_rope: head dim " + std::to_string(a.D) + " unsupported on CUDA with vector width " + std::to_string(VEC));
   int threads = int(2 * a.H * tpr);
-  threads = threads < 32 ? 32 : (threads > 256 ? 256 : (threads + 31) / 32 * 32);
+  threads = threads < 32 ? 32 : (threads > 512 ? 512 : (threads + 31) / 32 * 32);
   threads = threads / tpr * tpr;
   const size_t smem = (BACKWARD ? 4 : 2) * a.D * sizeof(acc_t);
   // Forward: one token per block (plenty of blocks). Backward: the caller fixed the grid (n_chunks) because it

@@ -144,7 +144,7 @@ def _qk_norm_rope_bwd_op(grad_q: Tensor, grad_k: Tensor, q: Tensor, k: Tensor, q
     dev, stream = _launch_common(q)
     n_tokens = B * S
     if dev >= 0:
-        n_chunks = min(n_tokens, 4 * torch.cuda.get_device_properties(q.device).multi_processor_count)
+        n_chunks = min(n_tokens, 16 * torch.cuda.get_device_properties(q.device).multi_processor_count)
     else:
         n_chunks = min(n_tokens, 4 * (os.cpu_count() or 1))
     partial = torch.zeros((max(n_chunks, 1), 2, D), dtype=torch.float32, device=q.device)
