@@ -1,0 +1,188 @@
+"""Attention of the multi-view DiT: joint self-attention (FA) and per-view text cross-attention (CA).
+
+Module and parameter names reproduce upstream's ``Attention`` (cosmos-multiview.md §4.3, §6): ``to_q`` / ``to_k``
+are ``Sequential(Linear(no bias), per-head RMSNorm)``, ``to_v`` is ``Sequential(Linear, Identity)`` and ``to_out``
+is ``Sequential(Linear, Dropout(0))``. Tokens are kept B-major, ``[B, S, D]``, instead of upstream's ``THWBD``:
+only the activation layout differs, every weight and the state dict are identical.
+
+Two backends compute the same thing:
+* ``"sdpa"``: plain-PyTorch RMSNorm and rotate-half RoPE, then ``torch.nn.functional.scaled_dot_product_attention``;
+* ``"mvkernels"``: ``mvkernels.mv_attention`` with the per-head QK-norm and RoPE passed in (it applies them with
+  the fused ``mvkernels.qk_norm_rope`` pass before its attention kernel).
+* ``"hybrid"``: the fused ``mvkernels.qk_norm_rope`` pass, then torch SDPA (whichever SDPA backend is enabled).
+``"auto"`` picks mvkernels for CUDA tensors when the ops are installed, SDPA otherwise.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class RMSNorm(nn.Module):
+    """``y = x / sqrt(mean(x^2) + eps) * weight`` over the last dim, computed in fp32, returned in x's dtype.
+
+    Matches Transformer Engine's RMSNorm (upstream's ``affline_norm`` and per-head q/k norms): fp32 statistics,
+    one rounding on output.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6, device=None, dtype=None) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()
+        return y.to(x.dtype)
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+def apply_rope(x: Tensor, angles: Tensor) -> Tensor:
+    """Rotate-half RoPE (pairs i, i + D/2), computed in fp32: ``x`` [B, S, H, D], ``angles`` [S, D] fp32.
+
+    Same arithmetic as TE's fused RoPE used upstream (fp32 math on the input, one rounding on output).
+    """
+    xf = x.float()
+    cos = angles.cos()[None, :, None, :]
+    sin = angles.sin()[None, :, None, :]
+    x1, x2 = xf.chunk(2, dim=-1)
+    return (xf * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
+
+
+_OPS: dict[str, Any] | None = None
+
+
+def _mvkernels_ops() -> dict[str, Any]:
+    """The mvkernels ops that are installed (empty when the package or an op is missing); looked up once, in a
+    plain global so that torch.compile traces a dict read rather than the import."""
+    global _OPS
+    if _OPS is None:
+        try:
+            import mvkernels
+        except Exception:  # noqa: BLE001 - a broken build must not break the SDPA path
+            _OPS = {}
+        else:
+            _OPS = {n: getattr(mvkernels, n) for n in ("mv_attention", "qk_norm_rope") if hasattr(mvkernels, n)}
+    return _OPS
+
+
+def mvkernels_available() -> bool:
+    ops = _mvkernels_ops()
+    return "mv_attention" in ops and "qk_norm_rope" in ops
+
+
+BACKENDS = ("auto", "sdpa", "mvkernels", "hybrid")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    if backend == "auto":
+        return "mvkernels" if device.type == "cuda" and mvkernels_available() else "sdpa"
+    if backend == "mvkernels" and not mvkernels_available():
+        raise RuntimeError("attention_backend='mvkernels' but mvkernels.mv_attention / qk_norm_rope are not "
+                           "installed; use attention_backend='sdpa'")
+    if backend == "hybrid" and "qk_norm_rope" not in _mvkernels_ops():
+        raise RuntimeError("attention_backend='hybrid' needs mvkernels.qk_norm_rope; use attention_backend='sdpa'")
+    return backend
+
+
+def view_connectivity_matrix(connectivity: Any, n_views: int, device: torch.device) -> Tensor | None:
+    """``[n_views, n_views]`` bool (query view i may see key view j), or None for "all" (dense)."""
+    if isinstance(connectivity, Tensor):
+        if connectivity.shape != (n_views, n_views) or connectivity.dtype != torch.bool:
+            raise ValueError(f"connectivity tensor must be bool [{n_views}, {n_views}], got "
+                             f"{connectivity.dtype} {tuple(connectivity.shape)}")
+        return connectivity.to(device)
+    if connectivity == "all":
+        return None
+    idx = torch.arange(n_views, device=device)
+    if connectivity == "self":
+        return idx[:, None] == idx[None, :]
+    m = re.fullmatch(r"ring(\d+)", str(connectivity))
+    if m:
+        d = (idx[:, None] - idx[None, :]).abs()
+        return torch.minimum(d, n_views - d) <= int(m.group(1))
+    raise ValueError(f"connectivity must be 'all', 'self', 'ringK' or a bool [V, V] tensor, got {connectivity!r}")
+
+
+def sdpa_multiview(q: Tensor, k: Tensor, v: Tensor, n_views: int, connectivity: Any) -> Tensor:
+    """SDPA over view segments: q [B, Sq, H, D], k/v [B, Sk, H, D] -> [B, Sq, H, D].
+
+    "all" is one dense attention; "self" runs views as a batch (no mask, so zero-padded keys still take part in
+    the softmax, as upstream); other patterns build a token-level boolean mask from the view matrix.
+    """
+    B, Sq, H, D = q.shape
+    Sk = k.shape[1]
+    if connectivity == "self" and n_views > 1:
+        q = q.reshape(B * n_views, Sq // n_views, H, D)
+        k = k.reshape(B * n_views, Sk // n_views, H, D)
+        v = v.reshape(B * n_views, Sk // n_views, H, D)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return out.transpose(1, 2).reshape(B, Sq, H, D)
+    conn = view_connectivity_matrix(connectivity, n_views, q.device)
+    mask = None
+    if conn is not None and not bool(conn.all()):
+        qv = torch.arange(Sq, device=q.device) // (Sq // n_views)
+        kv = torch.arange(Sk, device=q.device) // (Sk // n_views)
+        mask = conn[qv][:, kv]
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+    return out.transpose(1, 2)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with per-head q/k RMSNorm; RoPE on self-attention only.
+
+    forward(x [B, S, Dq], context [B, M, Dc] or None, rope_angles [S, head_dim] fp32 or None) -> [B, S, Dq].
+    ``n_views``/``connectivity`` split q and k/v into view segments (CA uses "self": view v's queries see view
+    v's text tokens only; FA uses the model's self-attention connectivity, "all" upstream).
+    """
+
+    def __init__(self, query_dim: int, context_dim: int | None, heads: int, dim_head: int,
+                 backend: str = "auto", device=None, dtype=None) -> None:
+        super().__init__()
+        self.is_selfattn = context_dim is None
+        context_dim = query_dim if context_dim is None else context_dim
+        inner = heads * dim_head
+        self.heads, self.dim_head, self.backend = heads, dim_head, backend
+        _mvkernels_ops()  # look the ops up now, outside any compiled region
+        fk = dict(device=device, dtype=dtype)
+        self.to_q = nn.Sequential(nn.Linear(query_dim, inner, bias=False, **fk), RMSNorm(dim_head, 1e-6, **fk))
+        self.to_k = nn.Sequential(nn.Linear(context_dim, inner, bias=False, **fk), RMSNorm(dim_head, 1e-6, **fk))
+        self.to_v = nn.Sequential(nn.Linear(context_dim, inner, bias=False, **fk), nn.Identity())
+        self.to_out = nn.Sequential(nn.Linear(inner, query_dim, bias=False, **fk), nn.Dropout(0.0))
+
+    def forward(self, x: Tensor, context: Tensor | None = None, rope_angles: Tensor | None = None,
+                n_views: int = 1, connectivity: Any = "all") -> Tensor:
+        B, S, _ = x.shape
+        ctx = x if context is None else context
+        if context is None:
+            # One GEMM for q, k, v (weights stay separate parameters, so the state dict is upstream's); q, k, v are
+            # strided views of [B, S, 3, H, Dh], which both backends read in place.
+            w = torch.cat([self.to_q[0].weight, self.to_k[0].weight, self.to_v[0].weight])
+            q, k, v = F.linear(x, w).unflatten(-1, (3, self.heads, self.dim_head)).unbind(2)
+        else:
+            q = self.to_q[0](x).unflatten(-1, (self.heads, self.dim_head))
+            k = self.to_k[0](ctx).unflatten(-1, (self.heads, self.dim_head))
+            v = self.to_v[0](ctx).unflatten(-1, (self.heads, self.dim_head))
+        use_rope = self.is_selfattn and rope_angles is not None
+        backend = resolve_backend(self.backend, x.device)
+        if backend == "mvkernels":
+            # One op: per-head RMSNorm (+ RoPE for self-attention) fused in front of the attention kernel.
+            out = _mvkernels_ops()["mv_attention"](
+                q, k, v, n_views=n_views, connectivity=connectivity, rope_angles=rope_angles if use_rope else None,
+                q_norm_weight=self.to_q[1].weight, k_norm_weight=self.to_k[1].weight, eps=self.to_q[1].eps)
+        elif backend == "hybrid" and use_rope:  # fused norm+RoPE pass, then torch SDPA (e.g. cuDNN)
+            q, k = _mvkernels_ops()["qk_norm_rope"](q, k, self.to_q[1].weight, self.to_k[1].weight, rope_angles,
+                                                    self.to_q[1].eps)
+            out = sdpa_multiview(q, k, v, n_views, connectivity)
+        else:
+            q, k = self.to_q[1](q), self.to_k[1](k)
+            if use_rope:
+                q, k = apply_rope(q, rope_angles), apply_rope(k, rope_angles)
+            out = sdpa_multiview(q, k, v, n_views, connectivity)
+        return self.to_out(out.reshape(B, S, self.heads * self.dim_head))
