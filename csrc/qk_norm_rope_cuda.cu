@@ -58,115 +58,130 @@ __device__ __forceinline__ acc_t group_sum(acc_t v, int tpr) {
   return v;
 }
 
+// Rows handled together by one thread: all their loads are issued before any of them is used.
+constexpr int kRowsInFlight = 2;
+
 template <typename T, int VEC, bool BACKWARD>
-__global__ void __launch_bounds__(512, 2) qk_norm_rope_kernel(const QKNormRopeArgs a, int tpr) {
+__global__ void __launch_bounds__(256, BACKWARD ? 2 : 3) qk_norm_rope_kernel(const QKNormRopeArgs a, int tpr) {
   using acc_t = typename Acc<T>::type;
+  constexpr int R = kRowsInFlight;
   extern __shared__ unsigned char smem_raw[];
-  acc_t* s_cos = reinterpret_cast<acc_t*>(smem_raw);  // [D]
-  acc_t* s_sin = s_cos + a.D;                          // [D]
-  acc_t* s_dw = s_sin + a.D;                           // [2, D], backward only
+  // Shared per block: weights (q then k), the current token's cos/sin, and (backward) the weight gradients.
+  // Keeping them out of registers leaves the registers to the rows in flight.
+  acc_t* s_w = reinterpret_cast<acc_t*>(smem_raw);  // [2, D]
+  acc_t* s_cos = s_w + 2 * a.D;                      // [D]
+  acc_t* s_sin = s_cos + a.D;                        // [D]
+  acc_t* s_dw = s_sin + a.D;                         // [2, D], backward only
 
   const int D = int(a.D), half = D / 2, H = int(a.H);
   const int lane = threadIdx.x % tpr, rows_per_pass = blockDim.x / tpr, my_row = threadIdx.x / tpr;
   const int i0 = lane * VEC;
   const int64_t n_tokens = a.B * a.S;
-
-  const acc_t* wq_p = static_cast<const acc_t*>(a.wq);
-  const acc_t* wk_p = static_cast<const acc_t*>(a.wk);
-  acc_t wq[2][VEC], wk[2][VEC], dwq[2][VEC], dwk[2][VEC];
-#pragma unroll
-  for (int j = 0; j < VEC; ++j) {
-    wq[0][j] = wq_p[i0 + j]; wq[1][j] = wq_p[half + i0 + j];
-    wk[0][j] = wk_p[i0 + j]; wk[1][j] = wk_p[half + i0 + j];
-    dwq[0][j] = dwq[1][j] = dwk[0][j] = dwk[1][j] = acc_t(0);
+  for (int i = threadIdx.x; i < D; i += blockDim.x) {
+    s_w[i] = static_cast<const acc_t*>(a.wq)[i];
+    s_w[D + i] = static_cast<const acc_t*>(a.wk)[i];
+    if (BACKWARD) s_dw[i] = s_dw[D + i] = acc_t(0);
   }
-
-  // Loads of a row (x, and in backward the output gradient g): issued before anything waits.
-  auto load_row = [&](int64_t b, int64_t s, int row, acc_t (&x)[2][VEC], acc_t (&g)[2][VEC]) {
-    const bool is_q = row < H;
-    const int h = is_q ? row : row - H;
+  // Weight-gradient accumulators for the role (q or k) of each row slot; flushed to shared memory when a slot
+  // changes role (rows_per_pass * R not a multiple of H) and at the end.
+  acc_t dw[R][2][VEC];
+  int dw_role[R];
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) x[0][j] = x[1][j] = g[0][j] = g[1][j] = acc_t(0);
-    if (row >= 2 * H) return;
-    const T* src = static_cast<const T*>(is_q ? a.q : a.k) +
-                   (is_q ? b * a.q_sb + s * a.q_ss + h * a.q_sh : b * a.k_sb + s * a.k_ss + h * a.k_sh);
-    load<T, VEC>(src + i0, x[0]); load<T, VEC>(src + half + i0, x[1]);
-    if (BACKWARD) {
-      const T* gsrc = static_cast<const T*>(is_q ? a.gq : a.gk) + ((b * a.S + s) * H + h) * D;
-      load<T, VEC>(gsrc + i0, g[0]); load<T, VEC>(gsrc + half + i0, g[1]);
+  for (int r = 0; r < R; ++r) {
+    dw_role[r] = -1;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) dw[r][0][j] = dw[r][1][j] = acc_t(0);
+  }
+  auto flush = [&](int r) {
+    if (BACKWARD && dw_role[r] >= 0) {
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        atomicAdd(&s_dw[dw_role[r] * D + i0 + j], dw[r][0][j]);
+        atomicAdd(&s_dw[dw_role[r] * D + half + i0 + j], dw[r][1][j]);
+        dw[r][0][j] = dw[r][1][j] = acc_t(0);
+      }
     }
   };
 
   for (int64_t tok = blockIdx.x; tok < n_tokens; tok += gridDim.x) {
     const int64_t b = tok / a.S, s = tok % a.S;
-    acc_t x[2][VEC], g[2][VEC];
-    load_row(b, s, my_row, x, g);  // in flight while the angle table is computed
-    // cos/sin of the token's D angles: computed once per block into shared memory (not once per row group).
-    __syncthreads();  // the previous token's table is no longer read
-    for (int i = threadIdx.x; i < D; i += blockDim.x) sincos_acc(acc_t(a.angles[s * a.ang_ss + i]), &s_sin[i], &s_cos[i]);
-    __syncthreads();
-    acc_t c[2][VEC], sn[2][VEC];
+    for (int base = 0; base < 2 * H; base += R * rows_per_pass) {
+      acc_t x[R][2][VEC], g[R][2][VEC];
+      // 1. Issue every load of this chunk of rows.
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) {
-      c[0][j] = s_cos[i0 + j]; sn[0][j] = s_sin[i0 + j];
-      c[1][j] = s_cos[half + i0 + j]; sn[1][j] = s_sin[half + i0 + j];
-    }
-    // Every thread runs the same number of passes so the shuffles always see the whole warp.
-    for (int base = 0; base < 2 * H; base += rows_per_pass) {
-      const int row = base + my_row;
-      const bool active = row < 2 * H;
-      const bool is_q = row < H;
-      const int h = is_q ? row : row - H;
-      const int64_t o = ((b * a.S + s) * H + h) * D;
-      acc_t ss = 0;
+      for (int r = 0; r < R; ++r) {
+        const int row = base + r * rows_per_pass + my_row;
+        const bool is_q = row < H;
+        const int h = is_q ? row : row - H;
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) ss += x[0][j] * x[0][j] + x[1][j] * x[1][j];
-      const acc_t r = rms_inv<acc_t>(group_sum(ss, tpr), D, acc_t(a.eps));
-      // Select per element (not a reference to one array) so the arrays stay in registers.
-      acc_t w[2][VEC], res[2][VEC];
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) { w[0][j] = is_q ? wq[0][j] : wk[0][j]; w[1][j] = is_q ? wq[1][j] : wk[1][j]; }
-      if (!BACKWARD) {
-#pragma unroll
-        for (int j = 0; j < VEC; ++j)
-          rope_pair_fwd<acc_t>(x[0][j] * r * w[0][j], x[1][j] * r * w[1][j], c[0][j], sn[0][j], c[1][j], sn[1][j],
-                               res[0][j], res[1][j]);
-      } else {
-        acc_t dxh[2][VEC], dot = 0;
-#pragma unroll
-        for (int j = 0; j < VEC; ++j) {
-          acc_t dy0, dy1;
-          rope_pair_bwd<acc_t>(g[0][j], g[1][j], c[0][j], sn[0][j], c[1][j], sn[1][j], dy0, dy1);
-          const acc_t e0 = dy0 * x[0][j] * r, e1 = dy1 * x[1][j] * r;
-          dwq[0][j] += is_q ? e0 : acc_t(0); dwq[1][j] += is_q ? e1 : acc_t(0);
-          dwk[0][j] += is_q ? acc_t(0) : e0; dwk[1][j] += is_q ? acc_t(0) : e1;
-          dxh[0][j] = dy0 * w[0][j];
-          dxh[1][j] = dy1 * w[1][j];
-          dot += (dxh[0][j] * x[0][j] + dxh[1][j] * x[1][j]) * r;
-        }
-        const acc_t dot_over_d = group_sum(dot, tpr) / acc_t(D);
-#pragma unroll
-        for (int j = 0; j < VEC; ++j) {
-          res[0][j] = rms_grad<acc_t>(dxh[0][j], x[0][j] * r, dot_over_d, r);
-          res[1][j] = rms_grad<acc_t>(dxh[1][j], x[1][j] * r, dot_over_d, r);
+        for (int j = 0; j < VEC; ++j) x[r][0][j] = x[r][1][j] = g[r][0][j] = g[r][1][j] = acc_t(0);
+        if (row < 2 * H) {
+          const T* src = static_cast<const T*>(is_q ? a.q : a.k) +
+                         (is_q ? b * a.q_sb + s * a.q_ss + h * a.q_sh : b * a.k_sb + s * a.k_ss + h * a.k_sh);
+          load<T, VEC>(src + i0, x[r][0]); load<T, VEC>(src + half + i0, x[r][1]);
+          if (BACKWARD) {
+            const T* gsrc = static_cast<const T*>(is_q ? a.gq : a.gk) + ((b * a.S + s) * H + h) * D;
+            load<T, VEC>(gsrc + i0, g[r][0]); load<T, VEC>(gsrc + half + i0, g[r][1]);
+          }
         }
       }
-      if (base + rows_per_pass < 2 * H) load_row(b, s, row + rows_per_pass, x, g);  // next pass's loads
-      if (active) {
-        T* dst = static_cast<T*>(is_q ? a.q_out : a.k_out) + o;
-        store<T, VEC>(dst + i0, res[0]); store<T, VEC>(dst + half + i0, res[1]);
+      // 2. While they are in flight: the token's cos/sin table, once per block (first chunk of the token).
+      if (base == 0) {
+        __syncthreads();  // the previous token's table is no longer read
+        for (int i = threadIdx.x; i < D; i += blockDim.x)
+          sincos_acc(acc_t(a.angles[s * a.ang_ss + i]), &s_sin[i], &s_cos[i]);
+        __syncthreads();
+      }
+      // 3. Compute and store each row. Every thread runs the same steps, so shuffles see the whole warp.
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const int row = base + r * rows_per_pass + my_row;
+        const bool active = row < 2 * H;
+        const int role = row < H ? 0 : 1;
+        const int h = role == 0 ? row : row - H;
+        const acc_t* w = s_w + role * D;
+        acc_t ss = 0;
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) ss += x[r][0][j] * x[r][0][j] + x[r][1][j] * x[r][1][j];
+        const acc_t rinv = rms_inv<acc_t>(group_sum(ss, tpr), D, acc_t(a.eps));
+        acc_t res[2][VEC];
+        if (!BACKWARD) {
+#pragma unroll
+          for (int j = 0; j < VEC; ++j)
+            rope_pair_fwd<acc_t>(x[r][0][j] * rinv * w[i0 + j], x[r][1][j] * rinv * w[half + i0 + j],
+                                 s_cos[i0 + j], s_sin[i0 + j], s_cos[half + i0 + j], s_sin[half + i0 + j],
+                                 res[0][j], res[1][j]);
+        } else {
+          if (active && role != dw_role[r]) { flush(r); dw_role[r] = role; }
+          acc_t dot = 0;
+#pragma unroll
+          for (int j = 0; j < VEC; ++j) {
+            acc_t dy0, dy1;
+            rope_pair_bwd<acc_t>(g[r][0][j], g[r][1][j], s_cos[i0 + j], s_sin[i0 + j], s_cos[half + i0 + j],
+                                 s_sin[half + i0 + j], dy0, dy1);
+            if (active) { dw[r][0][j] += dy0 * x[r][0][j] * rinv; dw[r][1][j] += dy1 * x[r][1][j] * rinv; }
+            res[0][j] = dy0 * w[i0 + j];  // dxhat, turned into dx below
+            res[1][j] = dy1 * w[half + i0 + j];
+            dot += (res[0][j] * x[r][0][j] + res[1][j] * x[r][1][j]) * rinv;
+          }
+          const acc_t dot_over_d = group_sum(dot, tpr) / acc_t(D);
+#pragma unroll
+          for (int j = 0; j < VEC; ++j) {
+            res[0][j] = rms_grad<acc_t>(res[0][j], x[r][0][j] * rinv, dot_over_d, rinv);
+            res[1][j] = rms_grad<acc_t>(res[1][j], x[r][1][j] * rinv, dot_over_d, rinv);
+          }
+        }
+        if (active) {
+          T* dst = static_cast<T*>(role == 0 ? a.q_out : a.k_out) + ((b * a.S + s) * H + h) * D;
+          store<T, VEC>(dst + i0, res[0]); store<T, VEC>(dst + half + i0, res[1]);
+        }
       }
     }
   }
 
-  if (BACKWARD) {  // reduce this block's weight gradients, then one partial row per block
-    for (int i = threadIdx.x; i < 2 * D; i += blockDim.x) s_dw[i] = acc_t(0);
-    __syncthreads();
+  if (BACKWARD) {  // one partial row of weight gradients per block; the caller sums them
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) {
-      atomicAdd(&s_dw[i0 + j], dwq[0][j]); atomicAdd(&s_dw[half + i0 + j], dwq[1][j]);
-      atomicAdd(&s_dw[D + i0 + j], dwk[0][j]); atomicAdd(&s_dw[D + half + i0 + j], dwk[1][j]);
-    }
+    for (int r = 0; r < R; ++r) flush(r);
     __syncthreads();
     for (int i = threadIdx.x; i < 2 * D; i += blockDim.x) a.dw_partial[blockIdx.x * 2 * D + i] = float(s_dw[i]);
   }
@@ -183,9 +198,9 @@ void launch_typed(const QKNormRopeArgs& a, int64_t stream) {
   if (tpr < 1 || tpr > 32 || (tpr & (tpr - 1)) != 0 || tpr * VEC * 2 != a.D)
     throw std::invalid_argument("mvkernels qk_norm_rope: head dim " + std::to_string(a.D) + " unsupported on CUDA with vector width " + std::to_string(VEC));
   int threads = int(2 * a.H * tpr);
-  threads = threads < 32 ? 32 : (threads > 512 ? 512 : (threads + 31) / 32 * 32);
+  threads = threads < 32 ? 32 : (threads > 256 ? 256 : (threads + 31) / 32 * 32);
   threads = threads / tpr * tpr;
-  const size_t smem = (BACKWARD ? 4 : 2) * a.D * sizeof(acc_t);
+  const size_t smem = (BACKWARD ? 6 : 4) * a.D * sizeof(acc_t);
   // Forward: one token per block (plenty of blocks). Backward: the caller fixed the grid (n_chunks) because it
   // allocated one partial weight-gradient row per block.
   const int64_t n_tokens = a.B * a.S;
