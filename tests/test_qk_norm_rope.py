@@ -64,8 +64,9 @@ def test_gradients_match_float64(shape, dtype, device, backend):
         assert_close_rule(o, p, rr, 3, name)
 
 
-def test_gradcheck_float64(backend):
-    backend("csrc")
+@pytest.mark.parametrize("name", ["csrc", "reference"])
+def test_gradcheck_float64(name, backend):
+    backend(name)
     q, k, wq, wk, angles = make(2, 5, 3, 8, torch.float64, "cpu", fused_qkv=True, seed=2)
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, wq, wk)]
     assert torch.autograd.gradcheck(lambda *x: mvkernels.qk_norm_rope(*x, angles), leaves)

@@ -34,6 +34,27 @@ def qk_norm_rope_reference(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Ten
     return one(q, q_weight), one(k, k_weight)
 
 
+def _reference_backward(grad_q, grad_k, q, k, q_weight, k_weight, angles, eps):
+    """Explicit gradients in PyTorch (autograd is not recorded inside a custom op's implementation)."""
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    ang = angles.to(acc)
+    cos, sin = ang.cos()[:, None, :], ang.sin()[:, None, :]
+
+    def one(x, w, g):
+        x, w, g = x.to(acc), w.to(acc), g.to(acc)
+        r = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        xhat = x * r
+        u1, u2 = (g * sin).chunk(2, dim=-1)
+        dy = g * cos + torch.cat([u2, -u1], dim=-1)  # transpose of the rotate-half rotation
+        dxhat = dy * w
+        dx = r * (dxhat - xhat * (dxhat * xhat).mean(-1, keepdim=True))
+        return dx, (dy * xhat).sum(dim=(0, 1, 2))
+
+    dq, dwq = one(q, q_weight, grad_q)
+    dk, dwk = one(k, k_weight, grad_k)
+    return dq.to(q.dtype), dk.to(k.dtype), dwq.to(q_weight.dtype), dwk.to(k_weight.dtype)
+
+
 def _validate(q, k, q_weight, k_weight, angles):
     for name, t in (("q", q), ("k", k), ("q_weight", q_weight), ("k_weight", k_weight), ("angles", angles)):
         if not isinstance(t, Tensor):
@@ -132,11 +153,7 @@ def _(q, k, q_weight, k_weight, angles, eps):
 def _qk_norm_rope_bwd_op(grad_q: Tensor, grad_k: Tensor, q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor,
                          angles: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     if _choose(q) == "reference":
-        with torch.enable_grad():
-            leaves = [t.detach().requires_grad_() for t in (q, k, q_weight, k_weight)]
-            outs = qk_norm_rope_reference(*leaves, angles, eps)
-            grads = torch.autograd.grad(outs, leaves, (grad_q, grad_k))
-        return tuple(g.contiguous() for g in grads)
+        return _reference_backward(grad_q, grad_k, q, k, q_weight, k_weight, angles, eps)
     B, S, H, D = q.shape
     gq, gk = grad_q.contiguous(), grad_k.contiguous()
     dq, dk = torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(k.shape, dtype=k.dtype, device=k.device)
