@@ -58,13 +58,13 @@ __device__ __forceinline__ acc_t group_sum(acc_t v, int tpr) {
   return v;
 }
 
-// Rows handled together by one thread: all their loads are issued before any of them is used.
-constexpr int kRowsInFlight = 2;
+// Rows handled together by one thread: all their loads are issued before any of them is used. The backward
+// (4 streams) keeps two rows in flight; the forward keeps one, which leaves registers for more resident blocks.
 
 template <typename T, int VEC, bool BACKWARD>
-__global__ void __launch_bounds__(256, BACKWARD ? 2 : 3) qk_norm_rope_kernel(const QKNormRopeArgs a, int tpr) {
+__global__ void __launch_bounds__(256, BACKWARD ? 2 : 4) qk_norm_rope_kernel(const QKNormRopeArgs a, int tpr) {
   using acc_t = typename Acc<T>::type;
-  constexpr int R = kRowsInFlight;
+  constexpr int R = BACKWARD ? 2 : 1;
   extern __shared__ unsigned char smem_raw[];
   // Shared per block: weights (q then k), the current token's cos/sin, and (backward) the weight gradients.
   // Keeping them out of registers leaves the registers to the rows in flight.
