@@ -1,0 +1,343 @@
+"""mv_attention on a GPU against its peers, timed in one process (CUDA events, medians).
+
+Workload: Cosmos-Predict1-7B multiview attention, bf16, B=1, 32 heads, head dim 128.
+  dense   S = 12,720 / 63,600 / 76,320: ours vs SDPA-cuDNN and SDPA-flash, fwd and fwd+bwd
+  ring1   5 views at 63,600 (each view sees itself and its 2 ring neighbours): ours vs compiled FlexAttention
+          with the same block mask
+  fused   per-head RMSNorm + RoPE on q, k then attention: ours vs torch.compile'd norm+RoPE + SDPA-cuDNN
+  cross   63,600 queries, 5 x 512 text keys, view i sees text i: ours ("self") vs SDPA on a (B*5)-batch
+FLOPs (FlashAttention convention): fwd 4*Sq*Sk*D*H times the connected fraction, bwd 2.5x fwd.
+
+Standalone: ``python benches/bench_mv_attention.py [--quick]`` prints a table (all sizes, every case). Under
+pytest (``pytest benches/bench_mv_attention.py -s``) the figures go through benches/conftest.py's ``record``.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+H, D = 32, 128
+SIZES = (12_720, 63_600, 76_320)
+
+
+def _cuda_time(fn, warmup=3, rep=10):
+    """Median ms of ``fn`` over ``rep`` runs, CUDA events around each."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(rep):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return sorted(times)[len(times) // 2]
+
+
+def _tflops(flops, ms):
+    return flops / ms / 1e9
+
+
+def _fwd_bwd(fn, leaves, grad):
+    def step():
+        for t in leaves:
+            t.grad = None
+        fn().backward(grad)
+    return step
+
+
+def _qkv(S, dtype=torch.bfloat16, seed=0):
+    """Ours reads q, k, v as slices of one [1, S, 3, H, D] projection; SDPA gets its preferred [1, H, S, D]."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    qkv = torch.randn(1, S, 3, H, D, device="cuda", dtype=dtype, generator=g)
+    return qkv
+
+
+def _sdpa_layout(x):
+    return x.transpose(1, 2).contiguous()
+
+
+def case_dense(S, timer, modes=("fwd", "fwdbwd")):
+    from mvkernels.ops.mv_attention import mv_attention
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    qkv = _qkv(S).requires_grad_()
+    ours_in = (qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
+    peer_in = [_sdpa_layout(t.detach()).requires_grad_() for t in ours_in]
+    grad = torch.randn(1, S, H, D, device="cuda", dtype=torch.bfloat16)
+    flops = 4.0 * S * S * D * H
+    rows = []
+    runners = {"ours": (lambda: mv_attention(*ours_in), [qkv], grad)}
+    for name, be in (("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa-flash", SDPBackend.FLASH_ATTENTION)):
+        def run(be=be):
+            with sdpa_kernel(be):
+                return F.scaled_dot_product_attention(*peer_in)
+        runners[name] = (run, peer_in, grad.transpose(1, 2).contiguous())
+    for mode in modes:
+        for name, (fn, leaves, g) in runners.items():
+            if mode == "fwd":
+                with torch.no_grad():
+                    ms = timer(fn)
+                fl = flops
+            else:
+                ms = timer(_fwd_bwd(fn, leaves, g))
+                fl = 3.5 * flops
+            rows.append((f"dense S={S}", mode, name, ms, _tflops(fl, ms)))
+    return rows
+
+
+def case_dq_variants(S, timer):
+    """fwd+bwd of ours with dQ from its own kernel vs dQ by atomics inside the dK/dV kernel, vs SDPA-cuDNN."""
+    import os
+
+    from mvkernels.ops.mv_attention import mv_attention
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    qkv = _qkv(S).requires_grad_()
+    ours_in = (qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
+    peer_in = [_sdpa_layout(t.detach()).requires_grad_() for t in ours_in]
+    grad = torch.randn(1, S, H, D, device="cuda", dtype=torch.bfloat16)
+    fl = 3.5 * 4.0 * S * S * D * H
+    rows = []
+    for variant in ("kernel", "atomic"):
+        os.environ["MVKERNELS_ATTN_DQ"] = variant
+        ms = timer(_fwd_bwd(lambda: mv_attention(*ours_in), [qkv], grad))
+        rows.append((f"dense S={S}", "fwdbwd", "ours" if variant == "kernel" else "ours-atomic-dq", ms,
+                     _tflops(fl, ms)))
+    os.environ.pop("MVKERNELS_ATTN_DQ")
+
+    def cudnn():
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            return F.scaled_dot_product_attention(*peer_in)
+    ms = timer(_fwd_bwd(cudnn, peer_in, grad.transpose(1, 2).contiguous()))
+    rows.append((f"dense S={S}", "fwdbwd", "sdpa-cudnn", ms, _tflops(fl, ms)))
+    return rows
+
+
+def _ring_mask(n_views, L, K=1):
+    def mask_mod(b, h, q_idx, kv_idx):
+        d = (q_idx // L - kv_idx // L) % n_views
+        return (d <= K) | (d >= n_views - K)
+    return mask_mod
+
+
+def case_ring1(S, timer, n_views=5, modes=("fwd", "fwdbwd")):
+    from mvkernels.ops.mv_attention import mv_attention
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    L = S // n_views
+    qkv = _qkv(S, seed=1).requires_grad_()
+    ours_in = (qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
+    peer_in = [_sdpa_layout(t.detach()).requires_grad_() for t in ours_in]
+    grad = torch.randn(1, S, H, D, device="cuda", dtype=torch.bfloat16)
+    block_mask = create_block_mask(_ring_mask(n_views, L), None, None, S, S, device="cuda")
+    flex = torch.compile(flex_attention)
+    frac = 3 / n_views
+    flops = 4.0 * S * S * D * H * frac
+    runners = {"ours": (lambda: mv_attention(*ours_in, n_views=n_views, connectivity="ring1"), [qkv], grad),
+               "flex": (lambda: flex(*peer_in, block_mask=block_mask), peer_in, grad.transpose(1, 2).contiguous())}
+    rows = []
+    for mode in modes:
+        for name, (fn, leaves, g) in runners.items():
+            if mode == "fwd":
+                with torch.no_grad():
+                    ms = timer(fn)
+                fl = flops
+            else:
+                ms = timer(_fwd_bwd(fn, leaves, g))
+                fl = 3.5 * flops
+            rows.append((f"ring1 5v S={S}", mode, name, ms, _tflops(fl, ms)))
+    return rows
+
+
+def _norm_rope_eager(x, w, ang, eps=1e-6):
+    y = x.float()
+    y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + eps) * w
+    y1, y2 = y.chunk(2, dim=-1)
+    a = ang[:, None, :]
+    return (y * a.cos() + torch.cat([-y2, y1], -1) * a.sin()).to(x.dtype)
+
+
+def case_fused(S, timer, modes=("fwd", "fwdbwd")):
+    from mvkernels.ops.mv_attention import mv_attention
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    qkv = _qkv(S, seed=2).requires_grad_()
+    wq = (torch.rand(D, device="cuda") + 0.5).requires_grad_()
+    wk = (torch.rand(D, device="cuda") + 0.5).requires_grad_()
+    ang = torch.rand(S, D // 2, device="cuda").mul(30).repeat(1, 2)
+    grad = torch.randn(1, S, H, D, device="cuda", dtype=torch.bfloat16)
+    norm_rope = torch.compile(_norm_rope_eager)
+
+    def ours():
+        return mv_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], rope_angles=ang, q_norm_weight=wq,
+                            k_norm_weight=wk)
+
+    def peer():
+        q, k = norm_rope(qkv[:, :, 0], wq, ang), norm_rope(qkv[:, :, 1], wk, ang)
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                                  qkv[:, :, 2].transpose(1, 2)).transpose(1, 2)
+
+    flops = 4.0 * S * S * D * H
+    rows = []
+    for mode in modes:
+        for name, fn in (("ours", ours), ("compile-normrope+cudnn", peer)):
+            if mode == "fwd":
+                with torch.no_grad():
+                    ms = timer(fn)
+                fl = flops
+            else:
+                ms = timer(_fwd_bwd(fn, [qkv, wq, wk], grad))
+                fl = 3.5 * flops
+            rows.append((f"fused S={S}", mode, name, ms, _tflops(fl, ms)))
+    return rows
+
+
+def case_cross(S, timer, n_views=5, text=512, modes=("fwd", "fwdbwd")):
+    from mvkernels.ops.mv_attention import mv_attention
+
+    g = torch.Generator(device="cuda").manual_seed(3)
+    q = torch.randn(1, S, H, D, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+    kv = torch.randn(1, n_views * text, 2, H, D, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+    grad = torch.randn(1, S, H, D, device="cuda", dtype=torch.bfloat16)
+    L = S // n_views
+
+    def ours():
+        return mv_attention(q, kv[:, :, 0], kv[:, :, 1], n_views=n_views, connectivity="self")
+
+    def peer():  # upstream: views folded into the batch, SDPA picks its own backend
+        qb = q.view(n_views, L, H, D).transpose(1, 2)
+        kb = kv[:, :, 0].reshape(n_views, text, H, D).transpose(1, 2)
+        vb = kv[:, :, 1].reshape(n_views, text, H, D).transpose(1, 2)
+        return F.scaled_dot_product_attention(qb, kb, vb).transpose(1, 2).reshape(1, S, H, D)
+
+    flops = 4.0 * S * text * D * H
+    rows = []
+    for mode in modes:
+        for name, fn in (("ours", ours), ("sdpa-batched", peer)):
+            if mode == "fwd":
+                with torch.no_grad():
+                    ms = timer(fn)
+                fl = flops
+            else:
+                ms = timer(_fwd_bwd(fn, [q, kv], grad))
+                fl = 3.5 * flops
+            rows.append((f"cross S={S} 5x{text}", mode, name, ms, _tflops(fl, ms)))
+    return rows
+
+
+def _print(rows):
+    best = {}
+    for case, mode, name, ms, tf in rows:
+        if name != "ours":
+            best[(case, mode)] = min(best.get((case, mode), math.inf), ms)
+    print(f"{'case':<24}{'mode':<8}{'impl':<26}{'ms':>10}{'TFLOP/s':>10}{'x best peer':>13}")
+    for case, mode, name, ms, tf in rows:
+        ratio = f"{best[(case, mode)] / ms:.3f}" if name == "ours" and (case, mode) in best else ""
+        print(f"{case:<24}{mode:<8}{name:<26}{ms:>10.3f}{tf:>10.1f}{ratio:>13}")
+    sys.stdout.flush()
+
+
+def _best_configs():
+    from mvkernels.ops import mv_attention_triton as tri
+
+    for k in ("_mv_attn_fwd", "_mv_attn_bwd_dkdv", "_mv_attn_bwd_dq"):
+        fn = getattr(tri, k)
+        print(k, {key: str(c) for key, c in getattr(fn, "cache", {}).items()})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# pytest entry points (benches/conftest.py: cuda_time, record; skipped without a GPU by its collection hook).
+# Lean by default so the whole file fits a ~200 s budget: dense at 63,600 only, 10 timed runs per figure.
+# MVKERNELS_BENCH_SIZES=12720,63600,76320 adds the other sizes.
+# ---------------------------------------------------------------------------------------------------------
+BENCH_SIZES = tuple(int(x) for x in os.environ.get("MVKERNELS_BENCH_SIZES", "63600").split(","))
+
+
+def _pytest_timer(fn):
+    from conftest import cuda_time
+
+    return cuda_time(fn, warmup=2, rep=10)
+
+
+def _record(benchmark, rows):
+    """Tracked: our medians. Peers are stored untracked with the ratio peer_ms / ours_ms (> 1: ours faster)."""
+    from conftest import record
+
+    _print(rows)
+    ours = {(c, m): ms for c, m, n, ms, _ in rows if n == "ours"}
+    for case, mode, name, ms, tf in rows:
+        key = f"{case} {mode} {name}".replace(" ", "_")
+        if name == "ours":
+            record(benchmark, key, ms, tflops=tf)
+        else:
+            record(benchmark, key, ms, tracked=False, tflops=tf, ratio_ours_vs=ms / ours[(case, mode)])
+
+
+@pytest.mark.parametrize("S", BENCH_SIZES)
+def test_bench_dense(benchmark, S):
+    _record(benchmark, case_dense(S, _pytest_timer))
+
+
+def test_bench_ring1(benchmark):
+    _record(benchmark, case_ring1(63_600, _pytest_timer, modes=("fwd",)))
+
+
+def test_bench_cross(benchmark):
+    _record(benchmark, case_cross(63_600, _pytest_timer))
+
+
+def test_bench_fused(benchmark):
+    _record(benchmark, case_fused(63_600, _pytest_timer))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="S=12,720 and 63,600 dense, ring1/fused/cross at 63,600")
+    ap.add_argument("--only", default="dense,ring1,fused,cross", help="comma list of cases")
+    ap.add_argument("--rep", type=int, default=10)
+    ap.add_argument("--sizes", default=None, help="comma list of dense sizes (overrides --quick)")
+    ap.add_argument("--modes", default="fwd,fwdbwd", help="fwd, fwdbwd or both")
+    ap.add_argument("--ring-fwd-only", action="store_true", help="ring1: forward only (skips compiling Flex bwd)")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("no CUDA GPU: nothing to time")
+        return
+    timer = lambda fn: _cuda_time(fn, warmup=2, rep=args.rep)  # noqa: E731
+    only = set(args.only.split(","))
+    print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", __import__("triton").__version__)
+    rows = []
+    sizes = SIZES[:2] if args.quick else SIZES
+    if args.sizes:
+        sizes = tuple(int(x) for x in args.sizes.split(","))
+    modes = tuple(args.modes.split(","))
+    if "dense" in only:
+        for S in sizes:
+            rows += case_dense(S, timer, modes=modes)
+            _print(rows[-3 * len(modes):])
+    if "dq" in only:
+        rows += case_dq_variants(sizes[0], timer)
+        _print(rows[-3:])
+    for name, fn in (("ring1", case_ring1), ("fused", case_fused), ("cross", case_cross)):
+        if name in only:
+            try:
+                rows += fn(63_600, timer, modes=("fwd",) if name == "ring1" and args.ring_fwd_only else modes)
+            except Exception as exc:  # a failing peer must not hide the other numbers
+                print(f"{name}: failed: {type(exc).__name__}: {exc}")
+            _print([r for r in rows if r[0].startswith(name)])
+    print("\n=== summary ===")
+    _print(rows)
+    _best_configs()
+
+
+if __name__ == "__main__":
+    main()
