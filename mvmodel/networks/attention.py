@@ -10,7 +10,10 @@ Two backends compute the same thing:
 * ``"mvkernels"``: ``mvkernels.mv_attention`` with the per-head QK-norm and RoPE passed in (it applies them with
   the fused ``mvkernels.qk_norm_rope`` pass before its attention kernel).
 * ``"hybrid"``: the fused ``mvkernels.qk_norm_rope`` pass, then torch SDPA (whichever SDPA backend is enabled).
-``"auto"`` picks mvkernels for CUDA tensors when the ops are installed, SDPA otherwise.
+``"auto"`` picks hybrid for CUDA tensors when the ops are installed, SDPA otherwise: on an H100 at 63,600 tokens
+the hybrid block ran at 577.6 ms (50.8% MFU) against 736.8 ms with mv_attention, whose Triton kernel reaches
+0.87x of cuDNN's dense forward (2026-11-23). Choose "mvkernels" for view-sparse connectivity, where it skips the
+unconnected blocks (1.2x FlexAttention on ring1) instead of masking them.
 """
 from __future__ import annotations
 
@@ -82,7 +85,7 @@ BACKENDS = ("auto", "sdpa", "mvkernels", "hybrid")
 
 def resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "auto":
-        return "mvkernels" if device.type == "cuda" and mvkernels_available() else "sdpa"
+        return "hybrid" if device.type == "cuda" and "qk_norm_rope" in _mvkernels_ops() else "sdpa"
     if backend == "mvkernels" and not mvkernels_available():
         raise RuntimeError("attention_backend='mvkernels' but mvkernels.mv_attention / qk_norm_rope are not "
                            "installed; use attention_backend='sdpa'")
