@@ -1,0 +1,185 @@
+"""Multi-view Text2World generation from per-view prompts (upstream's ``text2world_multiview.py`` CLI).
+
+    python -m mvmodel.inference.text2world_multiview --checkpoint_dir checkpoints \
+        --diffusion_transformer_dir Cosmos-Predict1-7B-Text2World-Sample-AV-Multiview \
+        --prompt "..." --prompt_left "..." --prompt_right "..." --prompt_back "..." \
+        --prompt_back_left "..." --prompt_back_right "..." --video_save_name output
+
+Writes ``{video_save_folder}/{name}.mp4`` (views in time), ``{name}_grid.mp4`` (2x3 mosaic) and ``{name}.txt``.
+The model folder may be the released one, a ``_post-trained`` copy, one made by ``mvmodel.inference.model_dir``
+(``model.pt`` + ``mvworld.json``), a trainer job folder or a ``.pt`` file; its net decides the number of views and
+which prompts are used (5-view nets: front, left, right, back_left, back_right). ``--batch_input_path`` takes a
+JSONL file, one object per line with the keys ``prompt`` (required), ``prompt_left`` ... ``prompt_back_right``
+(default: the command line's), optionally ``seed`` (default ``--seed`` + line index) and ``video_save_name``
+(default: the line index). Unlike upstream, ``--tokenizer_dir`` is honoured (``builtin`` = the weight-free
+built-in tokenizer) and one GPU suffices: T5, DiT and tokenizer take turns on it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from .model_dir import RELEASED_NAME, SLOT_ARGS, INFERENCE_DEFAULTS, resolve_model
+
+_LEAD = "The video is captured from a camera mounted on a car. The camera is facing "
+DEFAULT_PROMPTS = {"left": _LEAD + "to the left. ", "right": _LEAD + "to the right.", "back": _LEAD + "backwards.",
+                   "back_left": _LEAD + "the rear left side.", "back_right": _LEAD + "the rear right side."}
+TOKENIZER_NAME = "Cosmos-Tokenize1-CV8x8x8-720p"
+T5_NAME = "google-t5/t5-11b"
+log = logging.getLogger("mvmodel.inference")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m mvmodel.inference.text2world_multiview",
+                                 description=__doc__.split("\n\n")[0])
+    a = ap.add_argument
+    a("--checkpoint_dir", default="checkpoints", help="folder holding the model, tokenizer and T5 folders")
+    a("--diffusion_transformer_dir", default=RELEASED_NAME,
+      help="model folder under --checkpoint_dir (any name: released, _post-trained, our exports, trainer jobs)")
+    a("--n_views", type=int, default=None, help="check that the model has this many views (default: the model's)")
+    a("--prompt", default=None, help="front camera prompt (required unless --batch_input_path)")
+    for slot, arg in SLOT_ARGS.items():
+        if slot != "front":
+            a(f"--{arg}", default=None,
+              help=f"{slot.replace('_', '-')} camera prompt (default: {DEFAULT_PROMPTS[slot]!r})")
+    a("--batch_input_path", default=None, help="JSONL file of prompt sets (see the module docstring)")
+    a("--frame_repeat_negative_condition", type=float, default=10.0,
+      help="frame_repeat value of the back_left/back_right views (upstream's constant condition; 0 disables)")
+    a("--height", type=int, default=None, help=f"default: the model's, else {INFERENCE_DEFAULTS['height']}")
+    a("--width", type=int, default=None, help=f"default: the model's, else {INFERENCE_DEFAULTS['width']}")
+    a("--num_video_frames", type=int, default=None, help="frames per view, 1 + 8k (default: the model's, else 57)")
+    a("--num_steps", type=int, default=35, help="Euler steps (network calls with guidance batched)")
+    a("--guidance", type=float, default=7.0, help="classifier-free guidance g: F_c + g (F_c - F_u); 0 = none")
+    a("--fps", type=float, default=None, help="output fps, also the RoPE time scale (default: the model's, else 24)")
+    a("--seed", type=int, default=1)
+    a("--t5_dir", default=None, help=f"T5 encoder folder (default: <checkpoint_dir>/{T5_NAME})")
+    a("--tokenizer_dir", default=None,
+      help=f"tokenizer folder with encoder.jit/decoder.jit/mean_std.pt, or 'builtin' "
+           f"(default: the model's, else <checkpoint_dir>/{TOKENIZER_NAME})")
+    a("--video_save_name", default="output")
+    a("--video_save_folder", default="outputs/")
+    a("--device", default=None, help="default: cuda when available, else cpu")
+    a("--dtype", default=None, choices=["bfloat16", "float32", "float16"], help="DiT dtype (default: bf16 on GPU)")
+    a("--t5_dtype", default="float32", choices=["bfloat16", "float32"])
+    a("--attention_backend", default="auto", choices=["auto", "sdpa", "mvkernels", "hybrid"])
+    a("--compile", action="store_true", help="torch.compile each transformer block (first step compiles)")
+    a("--sequential_cfg", action="store_true", help="run cond and uncond as two forwards instead of one of batch 2")
+    a("--no_offload", action="store_true", help="keep the DiT on the GPU while decoding")
+    a("--no_progress", action="store_true", help="no per-step progress bar")
+    # Upstream flags kept so that its commands run unchanged.
+    a("--num_gpus", type=int, default=1, help="must be 1 (no context parallelism here)")
+    a("--negative_prompt", default=None, help="ignored, as upstream's multi-view model (uncond = zero text)")
+    a("--disable_prompt_upsampler", action="store_true", help="accepted; there is no prompt upsampler")
+    a("--disable_guardrail", action="store_true", help="accepted; there are no guardrail models")
+    for what in ("diffusion_transformer", "tokenizer", "text_encoder_model", "prompt_upsampler", "guardrail_models"):
+        a(f"--offload_{what}", action="store_true", help="accepted; models leave the GPU when not in use anyway")
+    return ap
+
+
+def prompt_sets(args, slots: tuple[str, ...]) -> list[tuple[str, int, dict[str, str]]]:
+    """[(save name, seed, {slot: prompt})] from the command line or the JSONL file."""
+    given = {s: getattr(args, arg) for s, arg in SLOT_ARGS.items()}
+    base = {s: given[s] if given[s] is not None else DEFAULT_PROMPTS.get(s) for s in SLOT_ARGS}
+    unused = [f"--{SLOT_ARGS[s]}" for s in SLOT_ARGS if s not in slots and given[s] is not None]
+    if unused:
+        warnings.warn(f"{', '.join(unused)} given but the {len(slots)}-view model has no such camera "
+                      f"(its views: {list(slots)}); ignored", stacklevel=2)
+    if args.batch_input_path is None:
+        if not (args.prompt or "").strip():
+            raise ValueError("--prompt (the front camera's prompt) is required unless --batch_input_path is given")
+        return [(args.video_save_name, args.seed, {s: base[s] for s in slots})]
+    path = Path(args.batch_input_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--batch_input_path {path} does not exist")
+    keys = set(SLOT_ARGS.values()) | {"seed", "video_save_name"}
+    out = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{n}: not JSON: {exc}") from exc
+        if not isinstance(item, dict):
+            raise ValueError(f"{path}:{n}: expected a JSON object, got {type(item).__name__}")
+        if set(item) - keys:
+            raise ValueError(f"{path}:{n}: unknown keys {sorted(set(item) - keys)}; expected some of {sorted(keys)}")
+        if not str(item.get("prompt") or "").strip():
+            raise ValueError(f"{path}:{n}: no \"prompt\" (the front camera's prompt)")
+        i = len(out)
+        ps = {s: str(item.get(SLOT_ARGS[s]) or base[s] or "") for s in slots}
+        out.append((str(item.get("video_save_name", i)), int(item.get("seed", args.seed + i)), ps))
+    if not out:
+        raise ValueError(f"--batch_input_path {path} holds no prompt sets")
+    return out
+
+
+def run(argv: list[str] | None = None) -> list[dict[str, Path]]:
+    """Parse, generate and save; returns the written paths per video. Raises ValueError / FileNotFoundError."""
+    from .pipeline import MultiviewGenerationPipeline, check_video_size
+    from .video_io import save_outputs
+
+    args = build_parser().parse_args(argv)
+    if args.num_gpus != 1:
+        raise ValueError(f"--num_gpus {args.num_gpus}: this CLI runs on one GPU (the 7B 6-view model fits 80 GB)")
+    for name in ("num_steps",):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    ckpt = Path(args.checkpoint_dir)
+    if not ckpt.is_dir():
+        raise FileNotFoundError(f"--checkpoint_dir {ckpt} does not exist")
+    spec = resolve_model(ckpt, args.diffusion_transformer_dir)
+    if args.n_views is not None and args.n_views != spec.n_views:
+        raise ValueError(f"--n_views {args.n_views} does not match the model: {spec.weights} is a {spec.n_views}-view "
+                         f"net (views {list(spec.slots)}, from {spec.source})")
+    sets = prompt_sets(args, spec.slots)
+    opt = {k: getattr(args, k) if getattr(args, k) is not None else spec.defaults.get(k, v)
+           for k, v in INFERENCE_DEFAULTS.items()}
+    check_video_size(int(opt["num_video_frames"]), int(opt["height"]), int(opt["width"]))
+    t5_dir = args.t5_dir or str(ckpt / T5_NAME)
+    tok_dir = args.tokenizer_dir or spec.tokenizer_dir or str(ckpt / TOKENIZER_NAME)
+    if tok_dir != "builtin" and not Path(tok_dir).is_dir():
+        raise FileNotFoundError(f"tokenizer folder {tok_dir} does not exist (--tokenizer_dir; 'builtin' for the "
+                                f"built-in tokenizer)")
+    if args.negative_prompt:
+        log.warning("--negative_prompt is ignored: the multi-view model's unconditional branch is zero text")
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    pipe = MultiviewGenerationPipeline(spec, t5_dir=t5_dir, tokenizer_dir=tok_dir, device=args.device, dtype=dtype,
+                                       attention_backend=args.attention_backend, t5_dtype=getattr(torch, args.t5_dtype),
+                                       batch_cfg=not args.sequential_cfg, offload=not args.no_offload,
+                                       progress=not args.no_progress, compile=args.compile)
+    log.info("model %s (%s), %d views %s; %d video(s) of %d frames at %dx%d, %s fps, %d steps, guidance %g",
+             spec.weights, spec.source, spec.n_views, list(spec.slots), len(sets), opt["num_video_frames"],
+             opt["height"], opt["width"], opt["fps"], args.num_steps, args.guidance)
+    t0 = time.time()
+    videos = pipe.generate([ps for _, _, ps in sets], seeds=[seed for _, seed, _ in sets], num_steps=args.num_steps,
+                           guidance=args.guidance, fps=float(opt["fps"]), num_video_frames=int(opt["num_video_frames"]),
+                           height=int(opt["height"]), width=int(opt["width"]),
+                           frame_repeat_negative_condition=args.frame_repeat_negative_condition)
+    written = []
+    for (name, _, ps), video in zip(sets, videos):
+        paths = save_outputs(args.video_save_folder, name, video, spec.slots, ps, float(opt["fps"]))
+        log.info("saved %s, %s, %s", *paths.values())
+        written.append(paths)
+    log.info("done in %.1f s", time.time() - t0)
+    return written
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s", datefmt="%H:%M:%S")
+    try:
+        run(argv)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
