@@ -1,0 +1,342 @@
+"""Typed training configuration: dataclasses with docstrings, validation and dotted-key overrides.
+
+An experiment is a function returning a :class:`Config` (see ``multiview.py``). Command-line overrides are
+``section.key=value`` strings (``optimizer.lr=1e-4``, ``data.video_size=[480,848]``, ``job.name=run2``); the
+value is parsed against the field's declared type, and an unknown section or key raises ``ValueError`` listing
+the valid ones.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+WAYMO_VIEW_KEYS = ["pinhole_front_left", "pinhole_front", "pinhole_front_right", "pinhole_side_left",
+                   "pinhole_side_right"]
+PRETRAINED_7B = "checkpoints/Cosmos-Predict1-7B-Text2World-Sample-AV-Multiview/model.pt"
+TOKENIZER_DIR = "checkpoints/Cosmos-Tokenize1-CV8x8x8-720p"
+AC_MODES = ("none", "block", "subblock", "selective")
+PRECISIONS = ("bfloat16", "float32", "float16")
+
+
+@dataclass
+class JobConfig:
+    """Where a run lives: ``{output_root}/{project}/{group}/{name}/`` (upstream's ``JobConfig.path_local``)."""
+
+    project: str = "posttraining"
+    group: str = "diffusion_text2world"
+    name: str = "default"
+    output_root: str | None = None
+    """None: the ``OUTPUT_ROOT`` environment variable, else ``checkpoints``."""
+
+    @property
+    def path_local(self) -> Path:
+        root = self.output_root or os.environ.get("OUTPUT_ROOT") or "checkpoints"
+        return Path(root) / self.project / self.group / self.name
+
+
+@dataclass
+class DataConfig:
+    """The multi-view dataset (``mvmodel.data.MultiviewDataset``) and its loader."""
+
+    dataset_dir: str = "datasets/waymo"
+    view_keys: list[str] = field(default_factory=lambda: list(WAYMO_VIEW_KEYS))
+    num_frames: int = 57
+    """Frames per view; also the tokenizer's pixel chunk (1 + 8k)."""
+    video_size: tuple[int, int] = (480, 848)
+    sequence_interval: int = 1
+    start_frame_interval: int = 1
+    caption_policy: str = "front"
+    batch_size: int = 1
+    num_workers: int = 8
+    decoder: str = "auto"
+    shuffle: bool = True
+
+
+@dataclass
+class ModelConfig:
+    """The DiT preset (``mvmodel.networks.PRESETS``) plus EDM and tokenizer settings."""
+
+    net: str = "cosmos_7b_multiview_waymo"
+    net_overrides: dict[str, Any] = field(default_factory=dict)
+    """Extra ``DiTConfig`` fields, e.g. ``{"num_blocks": 4}``."""
+    precision: str = "bfloat16"
+    """Compute dtype of the net; master weights, gradients' reduction and EMA stay float32."""
+    attention_backend: str = "auto"
+    tokenizer_dir: str | None = TOKENIZER_DIR
+    """Upstream's TorchScript tokenizer folder; None selects the built-in weight-free tokenizer."""
+    tokenizer_dtype: str = "bfloat16"
+    """dtype the TorchScript tokenizer runs in (upstream: bf16)."""
+    sigma_data: float = 0.5
+    p_mean: float = 0.0
+    p_std: float = 1.0
+    text_dropout: float = 0.2
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW (upstream's FusedAdam in AdamW mode) with linear warm-up and gradient clipping."""
+
+    lr: float = 2 ** -14.3
+    betas: tuple[float, float] = (0.9, 0.99)
+    eps: float = 1e-10
+    weight_decay: float = 0.1
+    warmup_steps: int = 2500
+    warmup_start: float = 1e-6
+    """LR multiplier at step 0; it rises linearly to 1 over ``warmup_steps``."""
+    grad_clip: float = 1.0
+    cpu_offload: bool = False
+    """Keep fp32 master weights, Adam moments (and the EMA) in host memory; the GPU holds bf16 weights and
+    gradients only. The CPU update of step k overlaps the forward of step k+1 (one GPU)."""
+    offload_threads: int = 0
+    """CPU threads for the offloaded update (0: all cores)."""
+
+
+@dataclass
+class EMAConfig:
+    """Karras' power EMA (upstream ``PowerEMAConfig``): rate s = sigma_rel."""
+
+    enabled: bool = True
+    rate: float = 0.10
+
+
+@dataclass
+class CheckpointConfig:
+    save_iter: int = 200
+    load_path: str | None = PRETRAINED_7B
+    """Pretrained weights for a fresh run (used when the file exists; resume takes precedence)."""
+    load_strict: bool = False
+    keep_last: int = 3
+    """Keep the newest k checkpoints (0 keeps all)."""
+    reg_model_dtype: str = "bfloat16"
+    """dtype of ``iter_N_reg_model.pt`` (upstream: bf16). fp32 master weights then go into ``iter_N_optim.pt``."""
+    resume: bool = True
+    """Resume from ``latest_checkpoint.txt`` in the job folder when present."""
+    async_save: bool = True
+    """Write files from a background thread (upstream: async). Rank 0 then holds the gathered model, EMA and
+    optimizer state at once; set false on hosts short of memory. The offloaded optimizer always saves in place."""
+
+
+@dataclass
+class ParallelConfig:
+    """Applied in this order: activation checkpointing, optional torch.compile per block, FSDP2 per block."""
+
+    activation_checkpointing: str = "subblock"
+    """"subblock" (upstream: recompute each FA/CA/MLP), "block", "selective" (per block, attention outputs kept:
+    no attention recompute for ~0.5 GB per 7B block at 63,600 tokens) or "none"."""
+    compile: bool = False
+    fsdp_unit: str = "block"
+    """"block" (28 units for the 7B) or "subblock" (84 units, upstream's wrap policy)."""
+    reshard_after_forward: bool = True
+
+
+@dataclass
+class TrainerConfig:
+    max_iter: int = 2000
+    logging_iter: int = 200
+    seed: int = 0
+    device: str = "auto"
+    """"auto": CUDA when available, else CPU."""
+    tf32: bool = True
+    max_steps_per_run: int = 0
+    """Stop after this many steps of this process (0: run to max_iter); a later run resumes."""
+
+
+@dataclass
+class Config:
+    job: JobConfig = field(default_factory=JobConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    experiment: str = ""
+
+    def validate(self) -> "Config":
+        def bad(key: str, msg: str) -> None:
+            raise ValueError(f"config {key}: {msg}")
+
+        d, m, o, c, p, t = self.data, self.model, self.optimizer, self.checkpoint, self.parallel, self.trainer
+        if d.num_frames < 1 or (d.num_frames - 1) % 8:
+            bad("data.num_frames", f"{d.num_frames} must be 1 + a multiple of 8 (causal 8x tokenizer), e.g. 9, 57")
+        if len(d.video_size) != 2 or any(s % 16 for s in d.video_size):
+            bad("data.video_size", f"{d.video_size} must be (h, w), both multiples of 16 (8x tokenizer, 2x2 patches)")
+        if not d.view_keys:
+            bad("data.view_keys", "needs at least one view")
+        if d.batch_size < 1 or d.num_workers < 0:
+            bad("data.batch_size/num_workers", f"got {d.batch_size}/{d.num_workers}")
+        if m.tokenizer_dtype not in PRECISIONS:
+            bad("model.tokenizer_dtype", f"{m.tokenizer_dtype!r} is not one of {PRECISIONS}")
+        if m.precision not in PRECISIONS:
+            bad("model.precision", f"{m.precision!r} is not one of {PRECISIONS}")
+        if not 0 <= m.text_dropout <= 1:
+            bad("model.text_dropout", f"{m.text_dropout} must be in [0, 1]")
+        if o.lr <= 0 or o.grad_clip < 0 or o.warmup_steps < 0:
+            bad("optimizer", f"lr={o.lr} must be > 0, grad_clip={o.grad_clip} and warmup_steps={o.warmup_steps} >= 0")
+        if not 0 < self.ema.rate < 0.28:
+            bad("ema.rate", f"{self.ema.rate} must be in (0, 0.28) (power EMA sigma_rel)")
+        if c.save_iter < 1 or c.keep_last < 0:
+            bad("checkpoint", f"save_iter={c.save_iter} must be >= 1 and keep_last={c.keep_last} >= 0")
+        if c.reg_model_dtype not in PRECISIONS:
+            bad("checkpoint.reg_model_dtype", f"{c.reg_model_dtype!r} is not one of {PRECISIONS}")
+        if p.activation_checkpointing not in AC_MODES:
+            bad("parallel.activation_checkpointing", f"{p.activation_checkpointing!r} is not one of {AC_MODES}")
+        if p.fsdp_unit not in ("block", "subblock"):
+            bad("parallel.fsdp_unit", f"{p.fsdp_unit!r} is not 'block' or 'subblock'")
+        if t.max_iter < 1 or t.logging_iter < 1:
+            bad("trainer", f"max_iter={t.max_iter} and logging_iter={t.logging_iter} must be >= 1")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------- overrides
+def _parse_value(text: str, typ: Any, key: str) -> Any:
+    """Parse ``text`` as ``typ`` (str, int, float, bool, Optional, tuple, list, dict)."""
+    origin, args = typing.get_origin(typ), typing.get_args(typ)
+    if origin in (typing.Union, types.UnionType):
+        if text.lower() in ("none", "null") and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        errors = []
+        for a in inner:
+            try:
+                return _parse_value(text, a, key)
+            except ValueError as e:
+                errors.append(str(e))
+        raise ValueError(f"override {key}={text!r}: " + "; ".join(errors))
+    if typ is str:
+        return text
+    if typ is bool:
+        low = text.lower()
+        if low in ("true", "1", "yes", "on"):
+            return True
+        if low in ("false", "0", "no", "off"):
+            return False
+        raise ValueError(f"override {key}={text!r}: expected a bool (true/false)")
+    if typ in (int, float):
+        try:
+            val = float(text) if typ is float else int(text)
+        except ValueError:
+            raise ValueError(f"override {key}={text!r}: expected {typ.__name__}") from None
+        return val
+    if origin in (tuple, list, dict) or typ in (tuple, list, dict):
+        try:
+            val = json.loads(text)
+        except json.JSONDecodeError:
+            if origin is dict:
+                raise ValueError(f"override {key}={text!r}: expected a JSON object") from None
+            val = [v for v in text.split(",") if v]  # a,b,c shorthand
+        if origin is dict:
+            if not isinstance(val, dict):
+                raise ValueError(f"override {key}={text!r}: expected a JSON object")
+            return val
+        if not isinstance(val, list):
+            raise ValueError(f"override {key}={text!r}: expected a list like [a,b]")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(val) != len(args):
+                raise ValueError(f"override {key}={text!r}: expected {len(args)} values")
+            return tuple(_parse_value(str(v), a, key) for v, a in zip(val, args))
+        elem = args[0] if args else str
+        out = [_parse_value(v if isinstance(v, str) else json.dumps(v), elem, key) for v in val]
+        return tuple(out) if origin is tuple else out
+    if typ is Any:
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            return text
+    raise ValueError(f"override {key}: unsupported field type {typ}")
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply ``section.key=value`` strings in order; returns ``cfg`` (validated)."""
+    sections = {f.name for f in dataclasses.fields(cfg) if f.name != "experiment"}
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like section.key=value (e.g. optimizer.lr=1e-4)")
+        key, text = item.split("=", 1)
+        parts = key.strip().split(".")
+        if len(parts) != 2 or parts[0] not in sections:
+            raise ValueError(f"unknown config key {key!r}: expected section.key with section one of {sorted(sections)}")
+        section = getattr(cfg, parts[0])
+        hints = typing.get_type_hints(type(section))
+        if parts[1] not in hints:
+            raise ValueError(f"unknown config key {key!r}: valid keys of {parts[0]!r} are {sorted(hints)}")
+        setattr(section, parts[1], _parse_value(text.strip(), hints[parts[1]], key))
+    return cfg.validate()
+
+
+def load_experiments(config_file: str) -> dict[str, Callable[[], Config]]:
+    """The ``EXPERIMENTS`` dict of a config module, given as a file path or a dotted module name."""
+    if config_file.endswith(".py") or os.sep in config_file:
+        path = Path(config_file)
+        if not path.is_file():
+            # A repository-relative path works from anywhere once the package is installed.
+            pkg_rel = Path(__file__).resolve().parents[2] / config_file
+            if not pkg_rel.is_file():
+                raise FileNotFoundError(f"--config {config_file}: file not found")
+            path = pkg_rel
+        module_name = ".".join(path.resolve().with_suffix("").parts[-3:])
+        try:
+            module = importlib.import_module(module_name)  # mvmodel.configs.multiview: importable by name
+        except ImportError:
+            spec = importlib.util.spec_from_file_location(path.stem, path)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(config_file)
+    experiments = getattr(module, "EXPERIMENTS", None)
+    if not isinstance(experiments, dict):
+        raise ValueError(f"--config {config_file}: the module defines no EXPERIMENTS dict")
+    return experiments
+
+
+def make_config(config_file: str, experiment: str | None, overrides: list[str]) -> Config:
+    experiments = load_experiments(config_file)
+    if not experiment:
+        raise ValueError(f"no experiment given: pass experiment=NAME, one of {sorted(experiments)}")
+    if experiment not in experiments:
+        raise ValueError(f"unknown experiment {experiment!r}; valid experiments: {sorted(experiments)}")
+    cfg = experiments[experiment]()
+    cfg.experiment = experiment
+    return apply_overrides(cfg, overrides)
+
+
+def parse_cli(argv: list[str]) -> tuple[str, str | None, list[str], bool]:
+    """``--config=FILE [--dryrun] [--] experiment=NAME key=value ...`` -> (file, experiment, overrides, dryrun)."""
+    config_file, experiment, overrides, dryrun = None, None, [], False
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a == "--":
+            pass
+        elif a.startswith("--config="):
+            config_file = a.split("=", 1)[1]
+        elif a == "--config":
+            if i + 1 >= len(args):
+                raise ValueError("--config needs a file, e.g. --config=mvmodel/configs/multiview.py")
+            config_file = args[i + 1]
+            i += 1
+        elif a == "--dryrun":
+            dryrun = True
+        elif a.startswith("experiment="):
+            experiment = a.split("=", 1)[1]
+        elif a.startswith("-"):
+            raise ValueError(f"unknown option {a!r}: expected --config=FILE [--dryrun] -- experiment=NAME key=value ...")
+        else:
+            overrides.append(a)
+        i += 1
+    if config_file is None:
+        raise ValueError("missing --config=FILE (e.g. --config=mvmodel/configs/multiview.py)")
+    return config_file, experiment, overrides, dryrun

@@ -1,0 +1,94 @@
+"""Named multi-view Text2World post-training experiments (upstream names and values, cosmos-multiview.md §8.2).
+
+    torchrun --nproc_per_node=8 -m mvmodel.train --config=mvmodel/configs/multiview.py -- \
+        experiment=text2world_multiview_7b_example_waymo [section.key=value ...]
+
+* ``text2world_multiview_7b_example_waymo``: upstream's Waymo example (5 views x 57 frames at 480x848 = 63,600
+  tokens, 2000 iterations, checkpoint every 200, lr 2^-14.3 with a 2500-step warm-up, FSDP over all GPUs,
+  activation checkpointing per sub-block, pretrained 6-view release as the starting point).
+* ``text2world_multiview_7b_example_waymo_1gpu``: the same on ONE 80 GB GPU: fp32 master weights, Adam moments
+  and EMA in host memory (``optimizer.cpu_offload``), compiled blocks, activation checkpointing per block.
+* ``text2world_multiview_tiny_example``: a 2-block width-64 net on a small synthetic dataset, fp32, the
+  built-in tokenizer; for tests (seconds on a CPU).
+* ``text2world_multiview_demo``: a slightly larger tiny net for ``python -m mvmodel.demo`` (minutes on a CPU).
+"""
+from __future__ import annotations
+
+from .base import (PRETRAINED_7B, TOKENIZER_DIR, WAYMO_VIEW_KEYS, CheckpointConfig, Config, DataConfig, EMAConfig,
+                   JobConfig, ModelConfig, OptimizerConfig, ParallelConfig, TrainerConfig)
+
+# The tiny nets see T5 embeddings of width 1024 (the tiny T5 of mvmodel.data.tiny_t5 has T5-11B's width).
+_TINY_NET = dict(n_views=5, view_condition_dim=3, add_repeat_frame_embedding=False, crossattn_emb_channels=1024,
+                 camera_names=list(WAYMO_VIEW_KEYS))
+
+
+def text2world_multiview_7b_example_waymo() -> Config:
+    """Upstream's ``text2world_multiview_7b_example_waymo`` (U), composed values of §8.2."""
+    name = "text2world_multiview_7b_example_waymo"
+    return Config(
+        job=JobConfig(project="posttraining", group="diffusion_text2world", name=name),
+        data=DataConfig(dataset_dir="datasets/waymo", view_keys=list(WAYMO_VIEW_KEYS), num_frames=57,
+                        video_size=(480, 848), sequence_interval=1, start_frame_interval=1, batch_size=1,
+                        num_workers=8),
+        model=ModelConfig(net="cosmos_7b_multiview_waymo", precision="bfloat16", tokenizer_dir=TOKENIZER_DIR,
+                          text_dropout=0.2),
+        optimizer=OptimizerConfig(lr=2 ** -14.3, betas=(0.9, 0.99), eps=1e-10, weight_decay=0.1,
+                                  warmup_steps=2500, warmup_start=1e-6, grad_clip=1.0),
+        ema=EMAConfig(enabled=True, rate=0.10),
+        checkpoint=CheckpointConfig(save_iter=200, load_path=PRETRAINED_7B, keep_last=3),
+        parallel=ParallelConfig(activation_checkpointing="subblock", compile=False, fsdp_unit="block"),
+        trainer=TrainerConfig(max_iter=2000, logging_iter=200, seed=0),
+    )
+
+
+def text2world_multiview_7b_example_waymo_1gpu() -> Config:
+    """The Waymo example on one 80 GB GPU: CPU-offloaded optimizer, master weights and EMA; compiled blocks."""
+    cfg = text2world_multiview_7b_example_waymo()
+    cfg.job.name = "text2world_multiview_7b_example_waymo_1gpu"
+    cfg.optimizer.cpu_offload = True
+    cfg.parallel.compile = True
+    # Per-block recompute: 28 saved block inputs (14.6 GB) instead of 84 sub-block inputs (44 GB) next to the
+    # bf16 weights and gradients (29 GB); one block's activations are live during its backward.
+    cfg.parallel.activation_checkpointing = "block"
+    cfg.checkpoint.keep_last = 2  # each checkpoint is ~130 GB with the fp32 optimizer state
+    return cfg
+
+
+def text2world_multiview_tiny_example() -> Config:
+    """Tests: 5 views x 9 frames at 64x96 (240 tokens), a 2-block width-64 net, fp32, built-in tokenizer."""
+    return Config(
+        job=JobConfig(project="posttraining", group="diffusion_text2world", name="text2world_multiview_tiny_example"),
+        data=DataConfig(dataset_dir="datasets/synthetic_tiny", view_keys=list(WAYMO_VIEW_KEYS), num_frames=9,
+                        video_size=(64, 96), batch_size=1, num_workers=0),
+        model=ModelConfig(net="tiny", net_overrides=dict(_TINY_NET), precision="float32", attention_backend="sdpa",
+                          tokenizer_dir=None),
+        optimizer=OptimizerConfig(lr=1e-3, warmup_steps=4),
+        ema=EMAConfig(enabled=True, rate=0.10),
+        checkpoint=CheckpointConfig(save_iter=4, load_path=None, keep_last=2, reg_model_dtype="float32"),
+        parallel=ParallelConfig(activation_checkpointing="subblock"),
+        trainer=TrainerConfig(max_iter=8, logging_iter=1, seed=0, tf32=False),
+    )
+
+
+def text2world_multiview_demo() -> Config:
+    """``python -m mvmodel.demo``: width 128, 4 blocks of 4 heads, 5 views x 9 frames at 64x96."""
+    cfg = text2world_multiview_tiny_example()
+    cfg.job.name = "text2world_multiview_demo"
+    cfg.data.dataset_dir = "outputs/demo/dataset"
+    cfg.model.net_overrides.update(model_channels=128, num_blocks=4, num_heads=4, adaln_lora_dim=32)
+    cfg.model.attention_backend = "auto"
+    cfg.model.text_dropout = 0.2
+    cfg.optimizer = OptimizerConfig(lr=2e-3, warmup_steps=20, weight_decay=0.01)
+    cfg.ema.rate = 0.05
+    cfg.checkpoint = CheckpointConfig(save_iter=100, load_path=None, keep_last=2, reg_model_dtype="float32")
+    cfg.parallel.activation_checkpointing = "none"
+    cfg.trainer = TrainerConfig(max_iter=300, logging_iter=25, seed=0, tf32=True)
+    return cfg
+
+
+EXPERIMENTS = {
+    "text2world_multiview_7b_example_waymo": text2world_multiview_7b_example_waymo,
+    "text2world_multiview_7b_example_waymo_1gpu": text2world_multiview_7b_example_waymo_1gpu,
+    "text2world_multiview_tiny_example": text2world_multiview_tiny_example,
+    "text2world_multiview_demo": text2world_multiview_demo,
+}
