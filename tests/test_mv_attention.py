@@ -126,6 +126,13 @@ def test_matches_float64(device, case):
     _check(device, n_views, Lq, Lk, _conn(conn, n_views), fused)
 
 
+@pytest.mark.skipif(HAS_CUDA, reason="CPU path; GPU half precision is test_gpu_hd128")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_on_cpu(dtype):
+    """16-bit inputs on CPU: the Triton kernels run (in fp32 inside the interpreter) and round once."""
+    _check("cpu", 3, 24, 24, "ring1", True, dtype=dtype)
+
+
 @pytest.mark.parametrize("device", [CPU, GPU])
 @pytest.mark.parametrize("tma", ["0", "1"])
 def test_pointer_and_descriptor_paths(device, tma, monkeypatch):

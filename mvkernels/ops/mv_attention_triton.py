@@ -477,6 +477,11 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
 
 def forward(q, k, v, n_views: int, conn: tuple[int, ...], scale: float):
     """out [B, Sq, H, D] (contiguous, q's dtype), lse [B, H, Sq] float32 (base 2)."""
+    if _INTERPRET and q.dtype != torch.float32:
+        # Triton's interpreter computes through numpy, which has no bf16: 16-bit arithmetic there is wrong
+        # (seen with triton 3.9). On CPU the same kernels run in fp32 and the result is rounded once.
+        out, lse = forward(q.float(), k.float(), v.float(), n_views, conn, scale)
+        return out.to(q.dtype), lse
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     B, Sq, H, D = q.shape
     Sk = k.shape[1]
@@ -498,6 +503,9 @@ def forward(q, k, v, n_views: int, conn: tuple[int, ...], scale: float):
 
 def backward(do, q, k, v, out, lse, n_views: int, conn: tuple[int, ...], scale: float):
     """dq [B, Sq, H, D], dk, dv [B, Sk, H, D], all contiguous in the inputs' dtype."""
+    if _INTERPRET and q.dtype != torch.float32:  # see forward(): no 16-bit arithmetic in the interpreter
+        grads = backward(do.float(), q.float(), k.float(), v.float(), out.float(), lse, n_views, conn, scale)
+        return tuple(g.to(t.dtype) for g, t in zip(grads, (q, k, v)))
     q, k, v, do = _unit_last(q), _unit_last(k), _unit_last(v), _unit_last(do)
     B, Sq, H, D = q.shape
     Sk = k.shape[1]
