@@ -169,16 +169,19 @@ def write_video(path: str | Path, frames: np.ndarray, fps: float, crf: int = 18,
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.mp4")
-    with av.open(str(tmp), "w") as c:
-        s = c.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
-        s.width, s.height, s.pix_fmt = w, h, "yuv420p"
-        s.codec_context.gop_size = max(1, int(round(gop_seconds * fps)))
-        if codec == "libx264":
-            s.options = {"crf": str(crf), "preset": "veryfast", "threads": "1"}
-        for img in frames:
-            c.mux(s.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")))
-        c.mux(s.encode(None))
-    tmp.replace(path)
+    try:  # a kill or an error never leaves a half file under the final name
+        with av.open(str(tmp), "w") as c:
+            s = c.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
+            s.width, s.height, s.pix_fmt = w, h, "yuv420p"
+            s.codec_context.gop_size = max(1, int(round(gop_seconds * fps)))
+            if codec == "libx264":
+                s.options = {"crf": str(crf), "preset": "veryfast", "threads": "1"}
+            for img in frames:
+                c.mux(s.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")))
+            c.mux(s.encode(None))
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _write_view(args) -> None:

@@ -11,13 +11,13 @@ Videos are H.264 (yuv420p) written with PyAV at ``fps``: crf 15 for the per-view
 """
 from __future__ import annotations
 
-from fractions import Fraction
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
+from ..data.synthetic import write_video
 from .model_dir import SLOTS
 
 GRID = (("left", "front", "right"), ("back_left", "back", "back_right"))
@@ -50,32 +50,8 @@ def grid(videos: np.ndarray, slots: Sequence[str]) -> np.ndarray:
 
 
 def write_mp4(path: str | Path, frames: np.ndarray, fps: float, crf: int) -> None:
-    """uint8 [T, H, W, 3] RGB -> H.264 mp4 (libx264, else FFmpeg's h264 encoder), yuv420p, constant ``fps``;
-    written to a temporary name and renamed. (FFmpeg's encoder output is not bit-reproducible run to run; the
-    frames given to it are.)"""
-    import av  # noqa: PLC0415
-
-    frames = np.asarray(frames)
-    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
-        raise ValueError(f"{path}: frames must be uint8 [T, H, W, 3], got {frames.dtype} {frames.shape}")
-    _, h, w, _ = frames.shape
-    if h % 2 or w % 2:
-        raise ValueError(f"{path}: H.264 yuv420p needs an even frame size, got {h}x{w}")
-    codec = "libx264" if "libx264" in av.codecs_available else "h264"
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.mp4")
-    try:
-        with av.open(str(tmp), "w") as c:
-            s = c.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
-            s.width, s.height, s.pix_fmt = w, h, "yuv420p"
-            if codec == "libx264":
-                s.options = {"crf": str(crf), "preset": "fast"}
-            for img in frames:
-                c.mux(s.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")))
-            c.mux(s.encode(None))
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """uint8 [T, H, W, 3] RGB -> H.264 mp4 at ``fps``: the data package's writer (temporary name, then renamed)."""
+    write_video(path, frames, fps, crf=crf)
 
 
 def save_outputs(folder: str | Path, name: str, videos: torch.Tensor | np.ndarray, slots: Sequence[str],
