@@ -57,11 +57,6 @@ PYBIND11_MODULE(_C, m) {
     d["cuda_version"] = py::none();
 #endif
     d["cpu"] = true;
-#ifdef _OPENMP
-    d["openmp"] = true;
-#else
-    d["openmp"] = false;
-#endif
     return d;
   });
 

@@ -80,7 +80,6 @@ void run(const QKNormRopeArgs& a, bool backward) {
   using acc_t = typename Acc<T>::type;
   const int64_t n_tokens = a.B * a.S, D = a.D, H = a.H;
   const int64_t n_chunks = backward ? a.n_chunks : n_tokens;
-#pragma omp parallel for schedule(static)
   for (int64_t c = 0; c < n_chunks; ++c) {
     const int64_t t0 = backward ? c * n_tokens / n_chunks : c, t1 = backward ? (c + 1) * n_tokens / n_chunks : c + 1;
     std::vector<acc_t> dw(2 * D, acc_t(0)), scratch(D);
