@@ -135,6 +135,10 @@ class ParallelConfig:
     fsdp_unit: str = "block"
     """"block" (28 units for the 7B) or "subblock" (84 units, upstream's wrap policy)."""
     reshard_after_forward: bool = True
+    context_parallel_size: int = 1
+    """Ranks sharing one sample (context parallelism, ``mvmodel.trainer.context_parallel``): each holds 1/cp of
+    every view's tokens; the joint self-attention exchanges heads with all-to-all (Ulysses) when num_heads divides
+    by it, else all-gathers K/V. Must divide the world size; data parallelism runs over world/cp groups."""
 
 
 @dataclass
@@ -192,6 +196,8 @@ class Config:
             bad("parallel.activation_checkpointing", f"{p.activation_checkpointing!r} is not one of {AC_MODES}")
         if p.fsdp_unit not in ("block", "subblock"):
             bad("parallel.fsdp_unit", f"{p.fsdp_unit!r} is not 'block' or 'subblock'")
+        if p.context_parallel_size < 1:
+            bad("parallel.context_parallel_size", f"{p.context_parallel_size} must be >= 1")
         if t.max_iter < 1 or t.logging_iter < 1:
             bad("trainer", f"max_iter={t.max_iter} and logging_iter={t.logging_iter} must be >= 1")
         return self

@@ -145,6 +145,9 @@ class Attention(nn.Module):
     v's text tokens only; FA uses the model's self-attention connectivity, "all" upstream).
     """
 
+    cp: Any = None
+    """Context-parallel hook (``mvmodel.trainer.context_parallel.ContextParallel``); None: single-rank path."""
+
     def __init__(self, query_dim: int, context_dim: int | None, heads: int, dim_head: int,
                  backend: str = "auto", device=None, dtype=None) -> None:
         super().__init__()
@@ -172,8 +175,20 @@ class Attention(nn.Module):
             q = self.to_q[0](x).unflatten(-1, (self.heads, self.dim_head))
             k = self.to_k[0](ctx).unflatten(-1, (self.heads, self.dim_head))
             v = self.to_v[0](ctx).unflatten(-1, (self.heads, self.dim_head))
+        if self.cp is not None and context is None:
+            # Context parallelism (set by mvmodel.trainer.context_parallel): x holds this rank's token slice; the
+            # hook exchanges q/k/v across ranks and calls ``core`` on full sequences with a subset of heads.
+            out = self.cp.attend(self, q, k, v, rope_angles, n_views, connectivity)
+        else:
+            out = self.core(q, k, v, rope_angles, n_views, connectivity)
+        return self.to_out(out.reshape(B, S, self.heads * self.dim_head))
+
+    def core(self, q: Tensor, k: Tensor, v: Tensor, rope_angles: Tensor | None, n_views: int,
+             connectivity: Any) -> Tensor:
+        """q [B, Sq, h, Dh], k/v [B, Sk, h, Dh] before the per-head norms -> [B, Sq, h, Dh]; h may be a subset of
+        the heads (context parallelism: the norm weights are shared by all heads)."""
         use_rope = self.is_selfattn and rope_angles is not None
-        backend = resolve_backend(self.backend, x.device)
+        backend = resolve_backend(self.backend, q.device)
         if backend == "mvkernels":
             # One op: per-head RMSNorm (+ RoPE for self-attention) fused in front of the attention kernel.
             out = _mvkernels_ops()["mv_attention"](
@@ -188,4 +203,4 @@ class Attention(nn.Module):
             if use_rope:
                 q, k = apply_rope(q, rope_angles), apply_rope(k, rope_angles)
             out = sdpa_multiview(q, k, v, n_views, connectivity)
-        return self.to_out(out.reshape(B, S, self.heads * self.dim_head))
+        return out

@@ -2,7 +2,8 @@
 AdamW with warm-up -> power EMA -> checkpoints; resume from ``latest_checkpoint.txt``.
 
 Determinism. The model is initialised from ``trainer.seed`` on every rank. The training noise (text dropout,
-sigma, epsilon) of step ``i`` on rank ``r`` comes from a generator seeded with ``(seed, r, i)``, so a resumed
+sigma, epsilon) of step ``i`` on data-parallel rank ``r`` comes from a generator seeded with ``(seed, r, i)``
+(the ranks of one context-parallel group share r, hence the sample and its noise), so a resumed
 run draws exactly what the uninterrupted run drew, without replaying RNG streams; the data order comes from the
 loader's (seed, epoch, position). Global RNG states are saved too (for user code that draws from them).
 
@@ -92,6 +93,12 @@ class Trainer:
             raise ValueError("optimizer.cpu_offload is for a single GPU; with several GPUs FSDP shards the states")
 
         resume_from = self.checkpointer.latest() if cfg.checkpoint.resume else None
+        # Context parallelism: ranks d*cp .. d*cp+cp-1 share data-parallel rank d (one sample stream, one noise).
+        self.cp_size = cfg.parallel.context_parallel_size
+        if self.info.world_size % self.cp_size:
+            raise ValueError(f"parallel.context_parallel_size={self.cp_size} must divide the number of processes "
+                             f"({self.info.world_size})")
+        self.dp_rank, self.dp_size = self.info.rank // self.cp_size, self.info.world_size // self.cp_size
         torch.manual_seed(cfg.trainer.seed)  # model init: same weights on every rank (upstream: seed 0)
         self.model = self._build_model(load_pretrained=resume_from is None)
         self.model = apply_parallelism(self.model, cfg.parallel, compute_dtype=self.compute_dtype, info=self.info,
@@ -114,8 +121,8 @@ class Trainer:
         fwd = self.model.net.forward_flops(self.tokens_per_sample)
         self.monitor = Monitor(self.job_dir, enabled=self.info.is_main, start=self.iteration, total=cfg.trainer.max_iter,
                                config=cfg.to_dict(), logging_iter=cfg.trainer.logging_iter,
-                               step_flops=3 * fwd * cfg.data.batch_size,
-                               tokens_per_step=self.tokens_per_sample * cfg.data.batch_size * self.info.world_size,
+                               step_flops=3 * fwd * cfg.data.batch_size / self.cp_size,
+                               tokens_per_step=self.tokens_per_sample * cfg.data.batch_size * self.dp_size,
                                device=dev, progress=progress)
         where = f"resumed from iteration {resume_from}" if resume_from is not None else self._start_note
         self.monitor.write(f"[mvmodel.train] {cfg.experiment or cfg.job.name}: {self.info.world_size} process(es) on "
@@ -183,7 +190,7 @@ class Trainer:
         ds = MultiviewDataset(d.dataset_dir, num_frames=d.num_frames, view_keys=d.view_keys, video_size=tuple(d.video_size),
                               sequence_interval=d.sequence_interval, start_frame_interval=d.start_frame_interval,
                               decoder=d.decoder, caption_policy=d.caption_policy)
-        loader = build_dataloader(ds, batch_size=d.batch_size, rank=self.info.rank, world_size=self.info.world_size,
+        loader = build_dataloader(ds, batch_size=d.batch_size, rank=self.dp_rank, world_size=self.dp_size,
                                   seed=t.seed, shuffle=d.shuffle, num_workers=d.num_workers,
                                   device=self.info.device if self.info.device.type == "cuda" else None)
         return ds, loader
@@ -261,7 +268,7 @@ class Trainer:
     def train_step(self, batch: dict) -> dict[str, float]:
         """One optimisation step on ``batch``; returns the (all-rank mean) metrics of the step."""
         cfg, dev = self.cfg, self.info.device
-        gen = step_generator(cfg.trainer.seed, self.info.rank, self.iteration)
+        gen = step_generator(cfg.trainer.seed, self.dp_rank, self.iteration)
         V = len(cfg.data.view_keys)
         with torch.no_grad():
             video = batch["video"].to(dev, non_blocking=True)

@@ -5,7 +5,8 @@
    attention kernels' outputs so that backward recomputes everything but the attention core;
 2. optionally ``torch.compile`` of every unit's ``forward`` (in place: state-dict keys unchanged, and module
    hooks, FSDP's and the offloaded optimizer's, stay outside the compiled region);
-3. FSDP2 ``fully_shard`` on every unit (each transformer block, or each FA/CA/MLP sub-block as upstream's wrap
+3. with ``context_parallel_size`` > 1, context parallelism hooks (``context_parallel.py``) on a (dp, cp) mesh;
+4. FSDP2 ``fully_shard`` on every unit (each transformer block, or each FA/CA/MLP sub-block as upstream's wrap
    policy), then on the uncertainty head (kept fp32) and on the root, with a mixed-precision policy: parameters
    all-gathered in the compute dtype (bf16), gradients reduced in fp32, sharded master weights in fp32.
 
@@ -143,6 +144,13 @@ def apply_parallelism(model: DiffusionModel, cfg: ParallelConfig, *, compute_dty
                 setattr(dynamo_config, knob, max(getattr(dynamo_config, knob), 2 * len(units) + 8))
         for u in units:
             u.forward = torch.compile(u.forward)  # per unit: one small graph, reused by every block
+    if cfg.context_parallel_size > 1:
+        from .context_parallel import context_parallel_mesh, enable_context_parallel
+
+        if not use_fsdp:
+            raise ValueError("parallel.context_parallel_size > 1 needs several processes (it runs under FSDP)")
+        mesh2d = context_parallel_mesh(info.device.type, info.world_size, cfg.context_parallel_size)
+        enable_context_parallel(model.net, mesh2d["cp"].get_group())
     if not use_fsdp:
         model.to(info.device)
         for p in model.net.parameters():  # parameters only: buffers such as pos_embedder.seq stay fp32
@@ -152,6 +160,8 @@ def apply_parallelism(model: DiffusionModel, cfg: ParallelConfig, *, compute_dty
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    # Parameters are sharded over every rank, the context-parallel ones included (gradients are averaged over all
+    # of them, which is the data-parallel mean given how context_parallel gathers the output; see there).
     mesh = init_device_mesh(info.device.type, (info.world_size,))
     low = None if compute_dtype == torch.float32 else compute_dtype
     # cast_forward_inputs=False: the net casts its own inputs; RoPE tables and sigma must not be rounded here.
