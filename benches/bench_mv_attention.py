@@ -27,19 +27,10 @@ SIZES = (12_720, 63_600, 76_320)
 
 
 def _cuda_time(fn, warmup=3, rep=10):
-    """Median ms of ``fn`` over ``rep`` runs, CUDA events around each."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(rep):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[len(times) // 2]
+    """Median ms of ``fn`` (the harness's CUDA-event timer, fewer repetitions: these runs take up to 0.6 s)."""
+    from conftest import cuda_time  # benches/ is on sys.path both as a script and under pytest
+
+    return cuda_time(fn, warmup=warmup, rep=rep)
 
 
 def _tflops(flops, ms):
