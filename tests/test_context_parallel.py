@@ -41,8 +41,9 @@ def _free_port() -> int:
 
 def _entry(rank: int, fn, world: int, port: int, *args) -> None:
     fn(rank, world, port, *args)
-    # Skip interpreter teardown once the worker succeeded: after the mvkernels custom ops ran, a spawned process
-    # sometimes aborts at exit ("terminate called without an active exception") although all work is done.
+    # Skip interpreter teardown once the worker succeeded (failures raise above and reach mp.spawn): on torch 2.13
+    # CPU a gloo-spawned process that ran any torch.library custom op sometimes aborts at exit ("terminate called
+    # without an active exception") although all work is done; reproduced with a trivial op, no mvworld code.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
