@@ -10,8 +10,8 @@ bf16), peak GPU memory, peak host memory, and the CPU update's own time.
 
     pytest benches/bench_train_step.py -s --benchmark-json=run.json
 
-Knobs (environment): MV_BENCH_AC=block|selective|subblock|none (default block; selective keeps the 28
-self-attention outputs, +15 GB, and skips their recompute), MV_BENCH_COMPILE=1|0 (default 1),
+Knobs (environment): MV_BENCH_AC=block|selective|subblock|none (default: the experiment's, selective: it keeps
+the 28 self-attention outputs, +10 GiB over block, and skips their recompute), MV_BENCH_COMPILE=1|0 (default 1),
 MV_BENCH_BLOCKS=28 (fewer for a quick check), MV_BENCH_STEPS=3 timed steps after 2 warm-up steps,
 MV_BENCH_EMA=1|0 (the fp32 EMA takes 29 GB of host memory).
 """
@@ -40,15 +40,17 @@ def test_train_step_7b_one_gpu(benchmark, tmp_path):
 
     blocks = int(_env("MV_BENCH_BLOCKS", "28"))
     overrides = [f"job.output_root={tmp_path}", "checkpoint.load_path=none", "checkpoint.resume=false",
-                 f"parallel.activation_checkpointing={_env('MV_BENCH_AC', 'block')}",
                  f"parallel.compile={_env('MV_BENCH_COMPILE', '1')}", f"ema.enabled={_env('MV_BENCH_EMA', '1')}",
                  "optimizer.warmup_steps=0", "trainer.device=cuda"]
+    if "MV_BENCH_AC" in os.environ:
+        overrides.append(f"parallel.activation_checkpointing={os.environ['MV_BENCH_AC']}")
     if blocks != 28:
         overrides.append(f'model.net_overrides={{"num_blocks": {blocks}}}')
     cfg = make_config("mvmodel/configs/multiview.py", "text2world_multiview_7b_example_waymo_1gpu", overrides)
     t0 = time.perf_counter()
     trainer = Trainer(cfg, progress=False, with_data=False)
     build_s = time.perf_counter() - t0
+    print(f"\n[train_step] built in {build_s:.0f} s", flush=True)  # long work shows progress
     dev = trainer.info.device
     try:
         g = torch.Generator().manual_seed(0)
@@ -61,7 +63,13 @@ def test_train_step_7b_one_gpu(benchmark, tmp_path):
         def step():
             return trainer.optimize(x0, cond, step_generator(0, 0, trainer.iteration))
 
-        warm = [step() for _ in range(2)]  # compile, allocator warm-up, first offloaded update
+        warm = []
+        for i in range(2):  # compile, allocator warm-up, first offloaded update
+            t1 = time.perf_counter()
+            warm.append(step())
+            torch.cuda.synchronize()
+            print(f"[train_step] warm-up step {i + 1}: {time.perf_counter() - t1:.1f} s, "
+                  f"peak GPU {torch.cuda.max_memory_allocated(dev) / 2**30:.1f} GiB", flush=True)
         trainer.optimizer.synchronize()
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(dev)
