@@ -56,6 +56,33 @@ def _sdpa_layout(x):
     return x.transpose(1, 2).contiguous()
 
 
+def _with_fwd(name, fn):
+    """Runs ``fn`` with MVKERNELS_ATTN_FWD=name (sm90 = the csrc Hopper forward, triton = the Triton one)."""
+    def run():
+        old = os.environ.get("MVKERNELS_ATTN_FWD")
+        os.environ["MVKERNELS_ATTN_FWD"] = name
+        try:
+            return fn()
+        finally:
+            if old is None:
+                os.environ.pop("MVKERNELS_ATTN_FWD")
+            else:
+                os.environ["MVKERNELS_ATTN_FWD"] = old
+    return run
+
+
+def _ours_variants(fn):
+    """{'ours': default forward} plus, on Hopper with the sm90 kernel built, explicit triton/sm90 variants."""
+    from mvkernels.ops import mv_attention_sm90 as sm90
+
+    out = {"ours": fn}
+    if os.environ.get("MVKERNELS_BENCH_SM90", "0") == "1" and sm90.available() \
+            and torch.cuda.get_device_capability() == (9, 0):
+        out["ours-triton-fwd"] = _with_fwd("triton", fn)
+        out["ours-sm90-fwd"] = _with_fwd("sm90", fn)
+    return out
+
+
 def case_dense(S, timer, modes=("fwd", "fwdbwd")):
     from mvkernels.ops.mv_attention import mv_attention
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -66,7 +93,7 @@ def case_dense(S, timer, modes=("fwd", "fwdbwd")):
     grad = torch.randn(1, S, H, D, device="cuda", dtype=torch.bfloat16)
     flops = 4.0 * S * S * D * H
     rows = []
-    runners = {"ours": (lambda: mv_attention(*ours_in), [qkv], grad)}
+    runners = {n: (f, [qkv], grad) for n, f in _ours_variants(lambda: mv_attention(*ours_in)).items()}
     for name, be in (("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa-flash", SDPBackend.FLASH_ATTENTION)):
         def run(be=be):
             with sdpa_kernel(be):
@@ -133,8 +160,9 @@ def case_ring1(S, timer, n_views=5, modes=("fwd", "fwdbwd")):
     flex = torch.compile(flex_attention)
     frac = 3 / n_views
     flops = 4.0 * S * S * D * H * frac
-    runners = {"ours": (lambda: mv_attention(*ours_in, n_views=n_views, connectivity="ring1"), [qkv], grad),
-               "flex": (lambda: flex(*peer_in, block_mask=block_mask), peer_in, grad.transpose(1, 2).contiguous())}
+    runners = {n: (f, [qkv], grad) for n, f in
+               _ours_variants(lambda: mv_attention(*ours_in, n_views=n_views, connectivity="ring1")).items()}
+    runners.update({"flex": (lambda: flex(*peer_in, block_mask=block_mask), peer_in, grad.transpose(1, 2).contiguous())})
     rows = []
     for mode in modes:
         for name, (fn, leaves, g) in runners.items():
@@ -214,7 +242,7 @@ def case_cross(S, timer, n_views=5, text=512, modes=("fwd", "fwdbwd")):
     flops = 4.0 * S * text * D * H
     rows = []
     for mode in modes:
-        for name, fn in (("ours", ours), ("sdpa-batched", peer)):
+        for name, fn in (*_ours_variants(ours).items(), ("sdpa-batched", peer)):
             if mode == "fwd":
                 with torch.no_grad():
                     ms = timer(fn)
@@ -229,11 +257,11 @@ def case_cross(S, timer, n_views=5, text=512, modes=("fwd", "fwdbwd")):
 def _print(rows):
     best = {}
     for case, mode, name, ms, tf in rows:
-        if name != "ours":
+        if not name.startswith("ours"):
             best[(case, mode)] = min(best.get((case, mode), math.inf), ms)
     print(f"{'case':<24}{'mode':<8}{'impl':<26}{'ms':>10}{'TFLOP/s':>10}{'x best peer':>13}")
     for case, mode, name, ms, tf in rows:
-        ratio = f"{best[(case, mode)] / ms:.3f}" if name == "ours" and (case, mode) in best else ""
+        ratio = f"{best[(case, mode)] / ms:.3f}" if name.startswith("ours") and (case, mode) in best else ""
         print(f"{case:<24}{mode:<8}{name:<26}{ms:>10.3f}{tf:>10.1f}{ratio:>13}")
     sys.stdout.flush()
 
@@ -299,7 +327,11 @@ def main():
     ap.add_argument("--sizes", default=None, help="comma list of dense sizes (overrides --quick)")
     ap.add_argument("--modes", default="fwd,fwdbwd", help="fwd, fwdbwd or both")
     ap.add_argument("--ring-fwd-only", action="store_true", help="ring1: forward only (skips compiling Flex bwd)")
+    ap.add_argument("--sm90", action="store_true", help="also time ours with the Triton and the sm90 forward "
+                    "explicitly (MVKERNELS_ATTN_FWD), same process as cuDNN")
     args = ap.parse_args()
+    if args.sm90:
+        os.environ["MVKERNELS_BENCH_SM90"] = "1"
     if not torch.cuda.is_available():
         print("no CUDA GPU: nothing to time")
         return
@@ -313,8 +345,9 @@ def main():
     modes = tuple(args.modes.split(","))
     if "dense" in only:
         for S in sizes:
-            rows += case_dense(S, timer, modes=modes)
-            _print(rows[-3 * len(modes):])
+            new = case_dense(S, timer, modes=modes)
+            rows += new
+            _print(new)
     if "dq" in only:
         rows += case_dq_variants(sizes[0], timer)
         _print(rows[-3:])

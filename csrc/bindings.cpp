@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "mv_attention_sm90.h"
 #include "qk_norm_rope.h"
 
 namespace py = pybind11;
@@ -56,9 +57,34 @@ PYBIND11_MODULE(_C, m) {
     d["cuda_archs"] = std::vector<std::string>{};
     d["cuda_version"] = py::none();
 #endif
+#ifdef MVWORLD_WITH_SM90_ATTN
+    d["sm90_attention"] = true;
+#else
+    d["sm90_attention"] = false;
+#endif
     d["cpu"] = true;
     return d;
   });
+
+#ifdef MVWORLD_WITH_SM90_ATTN
+  // Hopper attention forward (sm_90a only; the caller checks the device). Strides in elements, (b, s, h).
+  m.def("mv_attention_fwd_sm90", [](int64_t stream, int dtype, uintptr_t q, uintptr_t k, uintptr_t v,
+                                    std::array<int64_t, 3> qs, std::array<int64_t, 3> ks, std::array<int64_t, 3> vs,
+                                    uintptr_t out, uintptr_t lse, uintptr_t conn, std::array<int64_t, 5> b_sq_sk_h_d,
+                                    int n_views, float scale) {
+    mvkernels::MvAttnSm90Args a{};
+    a.q = reinterpret_cast<const void*>(q); a.k = reinterpret_cast<const void*>(k);
+    a.v = reinterpret_cast<const void*>(v);
+    a.q_sb = qs[0]; a.q_ss = qs[1]; a.q_sh = qs[2]; a.k_sb = ks[0]; a.k_ss = ks[1]; a.k_sh = ks[2];
+    a.v_sb = vs[0]; a.v_ss = vs[1]; a.v_sh = vs[2];
+    a.out = reinterpret_cast<void*>(out); a.lse = reinterpret_cast<float*>(lse);
+    a.conn = reinterpret_cast<const int*>(conn);
+    a.B = b_sq_sk_h_d[0]; a.Sq = b_sq_sk_h_d[1]; a.Sk = b_sq_sk_h_d[2]; a.H = b_sq_sk_h_d[3]; a.D = b_sq_sk_h_d[4];
+    a.n_views = n_views; a.scale = scale; a.dtype = dtype;
+    mvkernels::mv_attention_fwd_sm90(a, stream);
+  });
+  m.def("mv_attention_sm90_supported", [](int64_t D, int dtype) { return mvkernels::mv_attention_sm90_supported(D, dtype); });
+#endif
 
   // device: -1 = CPU, otherwise CUDA (on the caller's current device and `stream`).
   m.def("qk_norm_rope_fwd", [](int device, int vec, int64_t stream, int dtype, uintptr_t q, uintptr_t k,

@@ -154,6 +154,13 @@ def _choose(q: Tensor) -> str:
 def _mv_attention_op(q: Tensor, k: Tensor, v: Tensor, n_views: int, conn: list[int],
                      softmax_scale: float) -> tuple[Tensor, Tensor]:
     if _choose(q) == "triton":
+        if q.device.type == "cuda":
+            # Hopper: the sm_90a CUDA forward (csrc) unless MVKERNELS_ATTN_FWD=triton or the inputs do not fit;
+            # it writes the same (out, lse) as the Triton forward, so the Triton backward is unchanged.
+            from . import mv_attention_sm90 as sm90
+
+            if sm90.usable(q, k, v):
+                return sm90.forward(q, k, v, n_views, tuple(conn), softmax_scale)
         from . import mv_attention_triton as tri
 
         return tri.forward(q, k, v, n_views, tuple(conn), softmax_scale)

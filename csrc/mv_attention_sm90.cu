@@ -1,0 +1,620 @@
+// Hopper (sm_90a) forward kernel of mv_attention, FlashAttention-3 style: TMA + mbarrier pipeline, warp
+// specialisation (one producer warpgroup, two consumer warpgroups), wgmma with the softmax of key tile j
+// overlapped with the P.V GEMM of tile j-1 inside each consumer warpgroup.
+//
+// CTA = 128 query rows of one (batch, head, query segment); consumer warpgroup c owns rows 64c..64c+63.
+// Per key tile of 128 keys:   S = Q K^T   (wgmma, A = Q and B = K from shared memory, both K-major)
+//                             P = exp2(S * scale*log2e - m)  (registers, online softmax)
+//                             O += P V    (wgmma, A = P from registers, B = V from shared memory, MN-major)
+// The key tiles are the concatenation of the connected key segments' tiles (table `conn`, as the Triton kernel).
+//
+// Segments without copies: every operand is a 5-D TMA map (D, H, L, n_views, B) with the caller's element
+// strides, L = segment length. A box that runs past a segment's end is out of bounds in the L dimension, so
+// TMA zero-fills it instead of reading the next segment: K/V rows past the end are 0 (their scores are still
+// masked to -inf; P is then 0 and the zero V rows add nothing, even where the next segment holds NaN/Inf).
+//
+// Shared memory (16-bit elements, 128-byte swizzle): a [128 rows x D] tile is D/64 column blocks of
+// [128 rows x 128 bytes]; every block starts 1024-byte aligned (the swizzle pattern repeats every 8 rows).
+//   Q: 1 tile, K: 2 stages, V: 2 stages   (D = 128: 32 + 64 + 64 KiB)
+#include <cuda.h>  // CUtensorMap and its enums only: the driver entry point is fetched at run time
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+
+#include "mv_attention_sm90.h"
+#include "qk_norm_rope.h"  // DType
+
+// The device code exists only in the sm_90a pass (wgmma, setmaxnreg and TMA need the arch-specific feature set);
+// other device passes (e.g. sm_80) compile the kernel as a trap. The host pass sees everything.
+#if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define MV_SM90_DEVICE 0
+#else
+#define MV_SM90_DEVICE 1
+#endif
+
+namespace mvkernels {
+namespace sm90 {
+
+constexpr int kBlockM = 128;    // query rows per CTA
+constexpr int kBlockN = 128;    // keys per tile
+constexpr int kStages = 2;      // K/V ring depth
+constexpr int kThreads = 384;   // 3 warpgroups
+constexpr int kRowBytes = 128;  // one swizzled row: 64 16-bit elements
+constexpr int kConsumerWarps = 8;
+// Register budgets after the split: 128 * 24 + 256 * 240 = 64,512 <= 65,536 (the launch takes 384 * 168).
+constexpr int kProducerRegs = 24;
+constexpr int kConsumerRegs = 240;
+
+template <int D>
+struct SmemLayout {
+  static constexpr int kColBlocks = D / 64;
+  static constexpr int kBlockBytes = kBlockN * kRowBytes;  // one 64-column block of a 128-row tile (16 KiB)
+  static constexpr int kTileBytes = kColBlocks * kBlockBytes;
+  static constexpr int kQ = 0;
+  static constexpr int kK = kQ + kTileBytes;
+  static constexpr int kV = kK + kStages * kTileBytes;
+  static constexpr int kBar = kV + kStages * kTileBytes;
+  // barriers: q_full, k_full[2], k_empty[2], v_full[2], v_empty[2] (8 bytes each)
+  static constexpr int kBytes = kBar + 128 + 1024;  // + 1024: the dynamic base is rounded up to 1024
+  static_assert(kBlockM == kBlockN, "the Q tile reuses the K/V tile geometry");
+};
+
+#if MV_SM90_DEVICE
+// ------------------------------------------------------------------------------------------------------------
+// PTX wrappers
+// ------------------------------------------------------------------------------------------------------------
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
+}
+
+// Producer: one arrival that also announces `bytes` of TMA traffic completing this phase.
+__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
+}
+
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
+}
+
+// Spins until the phase with this parity has completed. A fresh barrier is in phase 0, so waiting for parity 1
+// returns at once ("the preceding phase"): that is how the producer's first pass over the empty ring starts.
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  uint32_t done;
+  do {
+    asm volatile(
+        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+  } while (!done);
+}
+
+// One TMA box {64 columns, 1 head, 128 rows, 1 segment, 1 batch} -> shared memory at `dst`, completing on `bar`.
+__device__ __forceinline__ void tma_load(uint32_t dst, const CUtensorMap* map, uint32_t bar, int col, int head,
+                                         int row, int seg, int batch) {
+  asm volatile(
+      "cp.async.bulk.tensor.5d.shared::cluster.global.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%3, %4, %5, %6, %7}], [%2];" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(col), "r"(head), "r"(row), "r"(seg), "r"(batch)
+      : "memory");
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
+}
+
+// Pins register values in program order relative to the (volatile) wgmma fence/wait instructions: reads after a
+// wait see the finished accumulators, writes before a fence are not sunk past it, and an A fragment read by an
+// in-flight wgmma stays allocated until the wait that follows.
+template <int N>
+__device__ __forceinline__ void pin(float (&r)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+// Reads an accumulator after a wgmma wait into a new register: volatile, so not hoisted above the wait, and unlike
+// pin() it does not redefine the accumulator itself (ptxas serialises wgmma pipelines whose accumulators are
+// written by other instructions while any wgmma group is pending).
+__device__ __forceinline__ float read_after_wait(float v) {
+  float y;
+  asm volatile("mov.b32 %0, %1;" : "=f"(y) : "f"(v) : "memory");
+  return y;
+}
+// Moves the next tile's P into the A-fragment registers after the wait: the copy is an instruction of its own
+// (volatile, after the wait), so the conversion never writes registers that a pending wgmma reads.
+__device__ __forceinline__ uint32_t copy_after_wait(uint32_t v) {
+  uint32_t y;
+  asm volatile("mov.b32 %0, %1;" : "=r"(y) : "r"(v) : "memory");
+  return y;
+}
+template <int N>
+__device__ __forceinline__ void pin(uint32_t (&r)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+r"(r[i])::"memory");
+}
+
+// Shared-memory matrix descriptor, 128-byte swizzle (layout type 1 in bits 62-63), base offset 0 (every
+// swizzle atom is 1024-byte aligned). Byte offsets are stored >> 4 in 14-bit fields.
+//   K-major (Q, K):  SBO = 1024 (next 8 rows), LBO unused (1).
+//   MN-major (V):    SBO = 1024 (next 8 keys = K dimension), LBO = next 64 columns of D (N dimension).
+__device__ __forceinline__ uint64_t smem_desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
+  return static_cast<uint64_t>((addr >> 4) & 0x3FFF) | (static_cast<uint64_t>((lbo >> 4) & 0x3FFF) << 16) |
+         (static_cast<uint64_t>((sbo >> 4) & 0x3FFF) << 32) | (1ull << 62);
+}
+
+#define MV_F8(d, i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), \
+                    "+f"(d[i + 6]), "+f"(d[i + 7])
+#define MV_F32(d) MV_F8(d, 0), MV_F8(d, 8), MV_F8(d, 16), MV_F8(d, 24)
+#define MV_F64(d) MV_F32(d), MV_F8(d, 32), MV_F8(d, 40), MV_F8(d, 48), MV_F8(d, 56)
+#define MV_REGS32                                                                                              \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, " \
+  "%23, %24, %25, %26, %27, %28, %29, %30, %31}"
+#define MV_REGS64                                                                                              \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, " \
+  "%23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, "  \
+  "%44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}"
+
+template <typename T> struct MmaType;
+template <> struct MmaType<__nv_bfloat16> { static constexpr bool kBf16 = true; };
+template <> struct MmaType<__half> { static constexpr bool kBf16 = false; };
+
+// S[64 x 128] (+)= A[64 x 16] * B[128 x 16]^T, both from shared memory, K-major (no transposes).
+// scale_d = 0 overwrites S (first k-step of a tile).
+template <typename T>
+__device__ __forceinline__ void wgmma_ss_n128(float (&d)[64], uint64_t da, uint64_t db, int scale_d) {
+  if constexpr (MmaType<T>::kBf16) {
+    asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %66, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 " MV_REGS64 ", %64, %65, p, 1, 1, 0, 0;\n}\n"
+                 : MV_F64(d)
+                 : "l"(da), "l"(db), "r"(scale_d));
+  } else {
+    asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %66, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 " MV_REGS64 ", %64, %65, p, 1, 1, 0, 0;\n}\n"
+                 : MV_F64(d)
+                 : "l"(da), "l"(db), "r"(scale_d));
+  }
+}
+
+// O[64 x N] += A[64 x 16] (registers) * B[16 x N], B from shared memory MN-major (imm-trans-b = 1).
+template <typename T>
+__device__ __forceinline__ void wgmma_rs_n128(float (&d)[64], const uint32_t* a, uint64_t db) {
+  if constexpr (MmaType<T>::kBf16) {
+    asm volatile("wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 " MV_REGS64
+                 ", {%64, %65, %66, %67}, %68, 1, 1, 1, 1;\n"
+                 : MV_F64(d)
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
+  } else {
+    asm volatile("wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 " MV_REGS64
+                 ", {%64, %65, %66, %67}, %68, 1, 1, 1, 1;\n"
+                 : MV_F64(d)
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void wgmma_rs_n64(float (&d)[32], const uint32_t* a, uint64_t db) {
+  if constexpr (MmaType<T>::kBf16) {
+    asm volatile("wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " MV_REGS32
+                 ", {%32, %33, %34, %35}, %36, 1, 1, 1, 1;\n"
+                 : MV_F32(d)
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
+  } else {
+    asm volatile("wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 " MV_REGS32
+                 ", {%32, %33, %34, %35}, %36, 1, 1, 1, 1;\n"
+                 : MV_F32(d)
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
+  }
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// the two GEMMs of a tile (issue only; the caller commits and waits)
+// ------------------------------------------------------------------------------------------------------------
+// S = Q K^T over D: k-step kk reads 16 columns of D, i.e. 32 bytes into column block kk / 4. Moving the start
+// address inside a swizzled 128-byte row is valid because the hardware applies the swizzle to the final address
+// (atoms are 1024-byte aligned, base offset 0).
+template <typename T, int D>
+__device__ __forceinline__ void issue_qk(float (&s)[64], uint32_t q_rows, uint32_t k_tile) {
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    const uint32_t off = (kk / 4) * SmemLayout<D>::kBlockBytes + (kk % 4) * 32;
+    wgmma_ss_n128<T>(s, smem_desc(q_rows + off, 16, 1024), smem_desc(k_tile + off, 16, 1024), kk > 0);
+  }
+}
+
+// O += P V over the tile's 128 keys: k-step kk reads keys 16kk..16kk+15 = 16 rows of 128 bytes (2048 bytes) into
+// every column block; the N = D columns span the column blocks at LBO = one block.
+template <typename T, int D>
+__device__ __forceinline__ void issue_pv(float (&o)[D / 2], const uint32_t (&p)[32], uint32_t v_tile) {
+#pragma unroll
+  for (int kk = 0; kk < kBlockN / 16; ++kk) {
+    const uint64_t db = smem_desc(v_tile + kk * 16 * kRowBytes, SmemLayout<D>::kBlockBytes, 1024);
+    if constexpr (D == 128) wgmma_rs_n128<T>(o, &p[4 * kk], db);
+    else wgmma_rs_n64<T>(o, &p[4 * kk], db);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// online softmax on the wgmma accumulator fragment
+// ------------------------------------------------------------------------------------------------------------
+// Fragment of an m64nN fp32 accumulator: thread (warp w, lane l) holds, for each 8-column block j,
+//   s[4j + 0], s[4j + 1] at row 16w + l/4,     columns 8j + 2(l%4) + {0, 1}
+//   s[4j + 2], s[4j + 3] at row 16w + l/4 + 8, the same columns.
+// So each thread owns two rows (r = 0, 1); a row is shared by the 4 lanes of a quad.
+__device__ __forceinline__ float ex2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+__device__ __forceinline__ float quad_max(float v) {
+  v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+  return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+}
+
+__device__ __forceinline__ float quad_sum(float v) {
+  v += __shfl_xor_sync(0xffffffffu, v, 1);
+  return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  // the lower-indexed column goes to the low 16 bits
+  if constexpr (MmaType<T>::kBf16) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  } else {
+    __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+}
+
+// Online softmax in place on the S accumulator fragment (FlashAttention-3 order): updates the running max m (raw
+// scores) and the thread-partial denominator l (reduced over the quad only in the epilogue: every lane of a row
+// scales by the same alpha, so partial sums stay consistent), overwrites s with P = exp2(s * scale_log2 - m *
+// scale_log2) in fp32 and returns the O rescale alpha. Key columns >= valid (past the key segment's end) count
+// as -inf. It runs while the previous tile's P.V wgmma is in flight, so it must not define that wgmma's inputs
+// (O, the P fragment): P is packed into the A fragment only after the wait (pack_p).
+template <bool kFirst>
+__device__ __forceinline__ void softmax_inplace(float (&s)[64], float (&m)[2], float (&l)[2], float (&alpha)[2],
+                                                float scale_log2, int valid, int lane) {
+  const int c0 = 2 * (lane % 4);
+  if (valid < kBlockN) {
+#pragma unroll
+    for (int i = 0; i < 64; ++i)
+      if (8 * (i / 4) + c0 + (i % 2) >= valid) s[i] = -INFINITY;
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float mx = kFirst ? -INFINITY : m[r];
+#pragma unroll
+    for (int j = 0; j < 16; ++j) mx = fmaxf(mx, fmaxf(s[4 * j + 2 * r], s[4 * j + 2 * r + 1]));
+    mx = quad_max(mx);  // finite: every tile has at least one valid key column
+    alpha[r] = kFirst ? 0.f : ex2((m[r] - mx) * scale_log2);
+    m[r] = mx;
+    const float neg_ms = -mx * scale_log2;
+    float sum = 0.f;
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        float& v = s[4 * j + 2 * r + e];
+        v = ex2(fmaf(v, scale_log2, neg_ms));
+        sum += v;
+      }
+    }
+    l[r] = kFirst ? sum : fmaf(l[r], alpha[r], sum);
+  }
+}
+
+// A fragment of m64k16 (16-bit): a[0] = (row, k 2(l%4)+{0,1}), a[1] = (row + 8, same k), a[2] = (row, k + 8),
+// a[3] = (row + 8, k + 8) -- exactly accumulator values 8kk..8kk+7 of 8-column blocks 2kk and 2kk+1, so
+// p[4kk + i] packs P of s[8kk + 2i], s[8kk + 2i + 1] with no data movement between threads.
+template <typename T>
+__device__ __forceinline__ void pack_p(const float (&s)[64], uint32_t (&p)[32]) {
+#pragma unroll
+  for (int i = 0; i < 32; ++i) p[i] = pack2<T>(s[2 * i], s[2 * i + 1]);
+}
+
+template <int N>
+__device__ __forceinline__ void rescale(float (&o)[N], const float (&alpha)[2]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) o[i] *= alpha[(i / 2) % 2];
+}
+
+// Consumer warps each release a stage once their own wait_group has returned: with one arrival per consumer
+// warp (8 in all) the stage is free only when every wgmma reading it has completed.
+__device__ __forceinline__ void release(uint32_t bar, int lane) {
+  __syncwarp();
+  if (lane == 0) mbar_arrive(bar);
+}
+#endif  // MV_SM90_DEVICE
+
+struct Params {
+  void* out;
+  float* lse;
+  const int* conn;
+  int H, Sq, Lq, Lk, n_views, m_blocks;
+  float scale_log2;
+};
+
+// ------------------------------------------------------------------------------------------------------------
+// kernel
+// ------------------------------------------------------------------------------------------------------------
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads, 1)
+    mv_attn_fwd_sm90_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_k,
+                            const __grid_constant__ CUtensorMap tm_v, const Params prm) {
+#if MV_SM90_DEVICE
+  using L = SmemLayout<D>;
+  extern __shared__ uint8_t smem_raw[];
+  const uint32_t base = (smem_addr(smem_raw) + 1023u) & ~1023u;
+  const uint32_t sQ = base + L::kQ;
+  const uint32_t bars = base + L::kBar;
+  const uint32_t q_full = bars;
+  auto k_full = [&](int s) { return bars + 8 + 8 * s; };
+  auto k_empty = [&](int s) { return bars + 24 + 8 * s; };
+  auto v_full = [&](int s) { return bars + 40 + 8 * s; };
+  auto v_empty = [&](int s) { return bars + 56 + 8 * s; };
+  auto sK = [&](int s) { return base + L::kK + s * L::kTileBytes; };
+  auto sV = [&](int s) { return base + L::kV + s * L::kTileBytes; };
+
+  const int seg = blockIdx.x / prm.m_blocks;
+  const int m_row0 = (blockIdx.x % prm.m_blocks) * kBlockM;  // first query row inside the segment
+  const int bh = blockIdx.y;
+  const int b = bh / prm.H, h = bh % prm.H;
+  const int* conn_row = prm.conn + seg * (prm.n_views + 1);
+  const int tiles_per_seg = (prm.Lk + kBlockN - 1) / kBlockN;
+  const int n_tiles = conn_row[0] * tiles_per_seg;  // >= 1: every query segment sees >= 1 key segment
+
+  if (threadIdx.x == 0) {
+    mbar_init(q_full, 1);
+    for (int s = 0; s < kStages; ++s) {
+      mbar_init(k_full(s), 1);
+      mbar_init(v_full(s), 1);
+      mbar_init(k_empty(s), kConsumerWarps);
+      mbar_init(v_empty(s), kConsumerWarps);
+    }
+    // make the initialised barriers visible to the async proxy (TMA) and to the other threads
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+  }
+  __syncthreads();
+
+  const int wg = threadIdx.x / 128;
+  if (wg == 0) {
+    // ---------------- producer: one thread issues every TMA load ----------------
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(kProducerRegs));
+    if (threadIdx.x != 0) return;
+    asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&tm_k)) : "memory");
+    asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&tm_v)) : "memory");
+    mbar_expect_tx(q_full, L::kTileBytes);
+#pragma unroll
+    for (int cb = 0; cb < L::kColBlocks; ++cb)
+      tma_load(sQ + cb * L::kBlockBytes, &tm_q, q_full, cb * 64, h, m_row0, seg, b);
+    int c = 0, kt = 0;  // connected-segment index, tile inside that segment
+    for (int t = 0; t < n_tiles; ++t) {
+      const int st = t % kStages;
+      const uint32_t free_parity = ((t / kStages) & 1) ^ 1;
+      const int kseg = conn_row[1 + c];
+      mbar_wait(k_empty(st), free_parity);
+      mbar_expect_tx(k_full(st), L::kTileBytes);
+#pragma unroll
+      for (int cb = 0; cb < L::kColBlocks; ++cb)
+        tma_load(sK(st) + cb * L::kBlockBytes, &tm_k, k_full(st), cb * 64, h, kt * kBlockN, kseg, b);
+      mbar_wait(v_empty(st), free_parity);
+      mbar_expect_tx(v_full(st), L::kTileBytes);
+#pragma unroll
+      for (int cb = 0; cb < L::kColBlocks; ++cb)
+        tma_load(sV(st) + cb * L::kBlockBytes, &tm_v, v_full(st), cb * 64, h, kt * kBlockN, kseg, b);
+      if (++kt == tiles_per_seg) { kt = 0; ++c; }
+    }
+    return;
+  }
+
+  // ---------------- consumers: warpgroups 1 and 2, 64 query rows each ----------------
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(kConsumerRegs));
+  const int cw = wg - 1;
+  const int tid = threadIdx.x - 128 * wg;
+  const int warp = tid / 32, lane = tid % 32;
+  const uint32_t q_rows = sQ + cw * 64 * kRowBytes;  // this warpgroup's 64 rows (1024-byte aligned)
+  const float scale_log2 = prm.scale_log2;
+
+  float o[D / 2];
+#pragma unroll
+  for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
+  float s[64];
+  uint32_t p[32];
+  float m[2], l[2], alpha[2];
+  int kt = 0;  // tile index inside the current key segment -> valid columns of the tile
+  auto valid_cols = [&](int k) { return prm.Lk - k * kBlockN; };
+
+  mbar_wait(q_full, 0);
+
+  // tile 0: S, softmax (nothing to overlap with yet)
+  mbar_wait(k_full(0), 0);
+  wgmma_fence();
+  issue_qk<T, D>(s, q_rows, sK(0));
+  wgmma_commit();
+  wgmma_wait<0>();
+  release(k_empty(0), lane);
+  softmax_inplace<true>(s, m, l, alpha, scale_log2, valid_cols(kt), lane);
+  pack_p<T>(s, p);
+  if (++kt == tiles_per_seg) kt = 0;
+
+  // steady state: issue S_t = Q K_t^T and O += P_{t-1} V_{t-1}; softmax of S_t runs while the P.V wgmma does
+  for (int t = 1; t < n_tiles; ++t) {
+    const int st = t % kStages, sp = (t - 1) % kStages;
+    mbar_wait(k_full(st), (t / kStages) & 1);
+    mbar_wait(v_full(sp), ((t - 1) / kStages) & 1);  // long since loaded: V_{t-1} was issued before K_t
+    pin(o);
+    pin(p);
+    wgmma_fence();
+    issue_qk<T, D>(s, q_rows, sK(st));
+    wgmma_commit();
+    issue_pv<T, D>(o, p, sV(sp));
+    wgmma_commit();
+
+    wgmma_wait<1>();  // S_t done (groups complete in order); P.V may still run
+    pin(s);           // the softmax reads S only after the wait
+    release(k_empty(st), lane);
+    softmax_inplace<false>(s, m, l, alpha, scale_log2, valid_cols(kt), lane);
+    if (++kt == tiles_per_seg) kt = 0;
+
+    wgmma_wait<0>();  // P.V done: O may be rescaled, the P fragment and V_{t-1} reused
+    pin(o);
+    pin(p);
+    release(v_empty(sp), lane);
+    rescale(o, alpha);
+    pack_p<T>(s, p);
+  }
+
+  // last P.V
+  {
+    const int t = n_tiles - 1, st = t % kStages;
+    mbar_wait(v_full(st), (t / kStages) & 1);
+    pin(o);
+    pin(p);
+    wgmma_fence();
+    issue_pv<T, D>(o, p, sV(st));
+    wgmma_commit();
+    wgmma_wait<0>();
+    pin(o);
+    pin(p);
+    release(v_empty(st), lane);
+  }
+
+  // ---------------- epilogue: O / l -> out (16-bit), lse = m * scale_log2 + log2(l) ----------------
+  T* out = static_cast<T*>(prm.out);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const float row_l = quad_sum(l[r]);
+    const float inv = 1.f / row_l;
+    const int row = m_row0 + cw * 64 + warp * 16 + lane / 4 + 8 * r;  // inside the segment
+    if (row < prm.Lq) {
+      const int64_t grow = static_cast<int64_t>(seg) * prm.Lq + row;
+      const int64_t bhs = static_cast<int64_t>(b) * prm.Sq + grow;
+      T* orow = out + (bhs * prm.H + h) * D + 2 * (lane % 4);
+#pragma unroll
+      for (int j = 0; j < D / 8; ++j)
+        *reinterpret_cast<uint32_t*>(orow + 8 * j) = pack2<T>(o[4 * j + 2 * r] * inv, o[4 * j + 2 * r + 1] * inv);
+      if (lane % 4 == 0) prm.lse[static_cast<int64_t>(bh) * prm.Sq + grow] = m[r] * scale_log2 + log2f(row_l);
+    }
+  }
+#else
+  __trap();  // only the sm_90a build has this kernel; the host side checks the device before launching
+#endif
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// host side
+// ------------------------------------------------------------------------------------------------------------
+using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
+                                   const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
+                                   CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+
+// cuTensorMapEncodeTiled through the runtime's driver entry point: no link against libcuda.
+EncodeTiledFn encode_tiled() {
+  static EncodeTiledFn fn = nullptr;
+  static std::once_flag once;
+  std::call_once(once, [] {
+    void* ptr = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+#if CUDART_VERSION >= 12050
+    cudaError_t err = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000, cudaEnableDefault,
+                                                       &found);
+#else
+    cudaError_t err = cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &ptr, cudaEnableDefault, &found);
+#endif
+    if (err == cudaSuccess && found == cudaDriverEntryPointSuccess) fn = reinterpret_cast<EncodeTiledFn>(ptr);
+  });
+  if (!fn) throw std::runtime_error("mv_attention_fwd_sm90: cuTensorMapEncodeTiled is not available from the driver");
+  return fn;
+}
+
+// 5-D map (D, H, L, n_views, B) over a [B, n_views * L, H, D] view with element strides (sb, ss, sh, 1);
+// box {64, 1, 128, 1, 1}, 128-byte swizzle, zero fill out of bounds (rows past a segment's end).
+CUtensorMap make_map(const void* ptr, bool bf16, int64_t D, int64_t H, int64_t L, int64_t n_views, int64_t B,
+                     int64_t sb, int64_t ss, int64_t sh) {
+  CUtensorMap map;
+  const cuuint64_t dims[5] = {cuuint64_t(D), cuuint64_t(H), cuuint64_t(L), cuuint64_t(n_views), cuuint64_t(B)};
+  const cuuint64_t strides[4] = {cuuint64_t(sh * 2), cuuint64_t(ss * 2), cuuint64_t(L * ss * 2), cuuint64_t(sb * 2)};
+  const cuuint32_t box[5] = {64, 1, kBlockN, 1, 1};
+  const cuuint32_t elem_strides[5] = {1, 1, 1, 1, 1};
+  CUresult r = encode_tiled()(&map, bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 5,
+                              const_cast<void*>(ptr), dims, strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                              CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                              CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (r != CUDA_SUCCESS)
+    throw std::runtime_error("mv_attention_fwd_sm90: cuTensorMapEncodeTiled failed (error " + std::to_string(int(r)) +
+                             "); strides must be multiples of 16 bytes and the base 16-byte aligned");
+  return map;
+}
+
+template <typename T, int D>
+void launch(const MvAttnSm90Args& a, cudaStream_t stream) {
+  auto kernel = mv_attn_fwd_sm90_kernel<T, D>;
+  const int smem = SmemLayout<D>::kBytes;
+  static std::once_flag once;  // per instantiation; one attribute call suffices for the process's devices
+  static cudaError_t attr_err = cudaSuccess;
+  std::call_once(once, [&] {
+    attr_err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  });
+  if (attr_err != cudaSuccess)
+    throw std::runtime_error(std::string("mv_attention_fwd_sm90: cudaFuncSetAttribute: ") + cudaGetErrorString(attr_err));
+  const bool bf16 = a.dtype == static_cast<int>(DType::bf16);
+  const int64_t nv = a.n_views, Lq = a.Sq / nv, Lk = a.Sk / nv;
+  const CUtensorMap tq = make_map(a.q, bf16, D, a.H, Lq, nv, a.B, a.q_sb, a.q_ss, a.q_sh);
+  const CUtensorMap tk = make_map(a.k, bf16, D, a.H, Lk, nv, a.B, a.k_sb, a.k_ss, a.k_sh);
+  const CUtensorMap tv = make_map(a.v, bf16, D, a.H, Lk, nv, a.B, a.v_sb, a.v_ss, a.v_sh);
+  Params prm{};
+  prm.out = a.out;
+  prm.lse = a.lse;
+  prm.conn = a.conn;
+  prm.H = int(a.H);
+  prm.Sq = int(a.Sq);
+  prm.Lq = int(Lq);
+  prm.Lk = int(Lk);
+  prm.n_views = a.n_views;
+  prm.m_blocks = int((Lq + kBlockM - 1) / kBlockM);
+  prm.scale_log2 = a.scale * 1.4426950408889634f;
+  const dim3 grid(unsigned(nv * prm.m_blocks), unsigned(a.B * a.H));
+  kernel<<<grid, kThreads, smem, stream>>>(tq, tk, tv, prm);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess)
+    throw std::runtime_error(std::string("mv_attention_fwd_sm90: launch failed: ") + cudaGetErrorString(err));
+}
+
+}  // namespace sm90
+
+void mv_attention_fwd_sm90(const MvAttnSm90Args& a, int64_t stream) {
+  if (!mv_attention_sm90_supported(a.D, a.dtype))
+    throw std::runtime_error("mv_attention_fwd_sm90: needs D in {64, 128} and bf16/fp16, got D=" + std::to_string(a.D));
+  if (a.n_views < 1 || a.Sq % a.n_views || a.Sk % a.n_views || a.Sk == 0)
+    throw std::runtime_error("mv_attention_fwd_sm90: Sq and Sk must be positive multiples of n_views");
+  if (a.Sq >= (int64_t(1) << 31) || a.B * a.H >= 65536)
+    throw std::runtime_error("mv_attention_fwd_sm90: Sq must be < 2^31 and B*H < 65536");
+  if (a.Sq == 0 || a.B * a.H == 0) return;
+  auto st = reinterpret_cast<cudaStream_t>(stream);
+  const bool bf16 = a.dtype == static_cast<int>(DType::bf16);
+  if (a.D == 128) {
+    if (bf16) sm90::launch<__nv_bfloat16, 128>(a, st);
+    else sm90::launch<__half, 128>(a, st);
+  } else {
+    if (bf16) sm90::launch<__nv_bfloat16, 64>(a, st);
+    else sm90::launch<__half, 64>(a, st);
+  }
+}
+
+}  // namespace mvkernels
