@@ -56,18 +56,20 @@ def _sdpa_layout(x):
     return x.transpose(1, 2).contiguous()
 
 
-def _with_fwd(name, fn):
-    """Runs ``fn`` with MVKERNELS_ATTN_FWD=name (sm90 = the csrc Hopper forward, triton = the Triton one)."""
+def _with_env(env: dict, fn):
+    """Runs ``fn`` with the environment variables ``env`` set (MVKERNELS_ATTN_FWD=sm90|triton picks the forward;
+    MVKERNELS_ATTN_PINGPONG=0 turns the sm90 kernel's warpgroup ping-pong off); both are read at each call."""
     def run():
-        old = os.environ.get("MVKERNELS_ATTN_FWD")
-        os.environ["MVKERNELS_ATTN_FWD"] = name
+        old = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
         try:
             return fn()
         finally:
-            if old is None:
-                os.environ.pop("MVKERNELS_ATTN_FWD")
-            else:
-                os.environ["MVKERNELS_ATTN_FWD"] = old
+            for k, v in old.items():
+                if v is None:
+                    os.environ.pop(k)
+                else:
+                    os.environ[k] = v
     return run
 
 
@@ -78,8 +80,9 @@ def _ours_variants(fn):
     out = {"ours": fn}
     if os.environ.get("MVKERNELS_BENCH_SM90", "0") == "1" and sm90.available() \
             and torch.cuda.get_device_capability() == (9, 0):
-        out["ours-triton-fwd"] = _with_fwd("triton", fn)
-        out["ours-sm90-fwd"] = _with_fwd("sm90", fn)
+        out["ours-triton-fwd"] = _with_env({"MVKERNELS_ATTN_FWD": "triton"}, fn)
+        out["ours-sm90-fwd"] = _with_env({"MVKERNELS_ATTN_FWD": "sm90", "MVKERNELS_ATTN_PINGPONG": "1"}, fn)
+        out["ours-sm90-no-pingpong"] = _with_env({"MVKERNELS_ATTN_FWD": "sm90", "MVKERNELS_ATTN_PINGPONG": "0"}, fn)
     return out
 
 

@@ -22,6 +22,7 @@
 #include <cuda_runtime.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <cstdint>
 #include <mutex>
 #include <stdexcept>
@@ -339,6 +340,11 @@ __device__ __forceinline__ void release(uint32_t bar, int lane) {
   __syncwarp();
   if (lane == 0) mbar_arrive(bar);
 }
+// Ping-pong between the two consumer warpgroups (named barriers 1 and 2, 256 threads each: one warpgroup waits,
+// the other arrives): warpgroup c issues its GEMMs only after the other one has issued its own, so the tensor cores
+// run one warpgroup's GEMMs while the other one computes its softmax.
+__device__ __forceinline__ void named_sync(int id) { asm volatile("bar.sync %0, 256;" ::"r"(id) : "memory"); }
+__device__ __forceinline__ void named_arrive(int id) { asm volatile("bar.arrive %0, 256;" ::"r"(id) : "memory"); }
 #endif  // MV_SM90_DEVICE
 
 struct Params {
@@ -352,7 +358,7 @@ struct Params {
 // ------------------------------------------------------------------------------------------------------------
 // kernel
 // ------------------------------------------------------------------------------------------------------------
-template <typename T, int D>
+template <typename T, int D, bool kPingPong>
 __global__ void __launch_bounds__(kThreads, 1)
     mv_attn_fwd_sm90_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_k,
                             const __grid_constant__ CUtensorMap tm_v, const Params prm) {
@@ -440,13 +446,21 @@ __global__ void __launch_bounds__(kThreads, 1)
   int kt = 0;  // tile index inside the current key segment -> valid columns of the tile
   auto valid_cols = [&](int k) { return prm.Lk - k * kBlockN; };
 
+  // Ping-pong turns: every consumer warpgroup issues its GEMMs n_tiles + 1 times; warpgroup 0 goes first (warpgroup
+  // 1 arrives once up front and skips its very last hand-over, so both barriers end balanced).
+  auto my_turn = [&] { if (kPingPong) named_sync(1 + cw); };
+  auto hand_over = [&](bool last) { if (kPingPong && !(last && cw == 1)) named_arrive(2 - cw); };
+  if (kPingPong && cw == 1) named_arrive(1);
+
   mbar_wait(q_full, 0);
 
   // tile 0: S, softmax (nothing to overlap with yet)
   mbar_wait(k_full(0), 0);
+  my_turn();
   wgmma_fence();
   issue_qk<T, D>(s, q_rows, sK(0));
   wgmma_commit();
+  hand_over(false);
   wgmma_wait<0>();
   release(k_empty(0), lane);
   softmax_inplace<true>(s, m, l, alpha, scale_log2, valid_cols(kt), lane);
@@ -460,11 +474,13 @@ __global__ void __launch_bounds__(kThreads, 1)
     mbar_wait(v_full(sp), ((t - 1) / kStages) & 1);  // long since loaded: V_{t-1} was issued before K_t
     pin(o);
     pin(p);
+    my_turn();
     wgmma_fence();
     issue_qk<T, D>(s, q_rows, sK(st));
     wgmma_commit();
     issue_pv<T, D>(o, p, sV(sp));
     wgmma_commit();
+    hand_over(false);
 
     wgmma_wait<1>();  // S_t done (groups complete in order); P.V may still run
     pin(s);           // the softmax reads S only after the wait
@@ -486,9 +502,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     mbar_wait(v_full(st), (t / kStages) & 1);
     pin(o);
     pin(p);
+    my_turn();
     wgmma_fence();
     issue_pv<T, D>(o, p, sV(st));
     wgmma_commit();
+    hand_over(true);
     wgmma_wait<0>();
     pin(o);
     pin(p);
@@ -562,9 +580,9 @@ CUtensorMap make_map(const void* ptr, bool bf16, int64_t D, int64_t H, int64_t L
   return map;
 }
 
-template <typename T, int D>
+template <typename T, int D, bool kPingPong>
 void launch(const MvAttnSm90Args& a, cudaStream_t stream) {
-  auto kernel = mv_attn_fwd_sm90_kernel<T, D>;
+  auto kernel = mv_attn_fwd_sm90_kernel<T, D, kPingPong>;
   const int smem = SmemLayout<D>::kBytes;
   static std::once_flag once;  // per instantiation; one attribute call suffices for the process's devices
   static cudaError_t attr_err = cudaSuccess;
@@ -608,12 +626,15 @@ void mv_attention_fwd_sm90(const MvAttnSm90Args& a, int64_t stream) {
   if (a.Sq == 0 || a.B * a.H == 0) return;
   auto st = reinterpret_cast<cudaStream_t>(stream);
   const bool bf16 = a.dtype == static_cast<int>(DType::bf16);
+  // MVKERNELS_ATTN_PINGPONG=0 turns the consumer warpgroups' ping-pong off (A/B timing in one process).
+  const char* pp_env = std::getenv("MVKERNELS_ATTN_PINGPONG");
+  const bool pp = !(pp_env && pp_env[0] == '0');
   if (a.D == 128) {
-    if (bf16) sm90::launch<__nv_bfloat16, 128>(a, st);
-    else sm90::launch<__half, 128>(a, st);
+    if (bf16) pp ? sm90::launch<__nv_bfloat16, 128, true>(a, st) : sm90::launch<__nv_bfloat16, 128, false>(a, st);
+    else pp ? sm90::launch<__half, 128, true>(a, st) : sm90::launch<__half, 128, false>(a, st);
   } else {
-    if (bf16) sm90::launch<__nv_bfloat16, 64>(a, st);
-    else sm90::launch<__half, 64>(a, st);
+    if (bf16) pp ? sm90::launch<__nv_bfloat16, 64, true>(a, st) : sm90::launch<__nv_bfloat16, 64, false>(a, st);
+    else pp ? sm90::launch<__half, 64, true>(a, st) : sm90::launch<__half, 64, false>(a, st);
   }
 }
 
