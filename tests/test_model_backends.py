@@ -105,3 +105,35 @@ def test_gpu_bf16_backends_match_sdpa(backend):
     (oa, ga), (ob, gb) = outs
     assert (oa - ob).norm() / oa.norm() < 3e-2
     assert (ga - gb).norm() / ga.norm() < 1e-1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)),
+                    reason="needs an sm_90 GPU")
+def test_gpu_auto_sampling_takes_sm90_forward(monkeypatch):
+    """"auto" without autograd (sampling) on Hopper runs self-attention through the sm_90a forward and matches SDPA;
+    with autograd it keeps the hybrid path (the sm_90a kernel is forward-only)."""
+    from mvkernels.ops import mv_attention_sm90
+    from mvmodel.networks import DiTConfig
+
+    if not mv_attention_sm90.available():
+        pytest.skip("extension built without the sm_90a kernel")
+    calls = []
+    real_forward = mv_attention_sm90.forward
+    monkeypatch.setattr(mv_attention_sm90, "forward", lambda *a, **k: calls.append(1) or real_forward(*a, **k))
+    cfg = dict(model_channels=512, num_heads=4, num_blocks=2, adaln_lora_dim=64, crossattn_emb_channels=128, n_views=5,
+               view_condition_dim=3, add_repeat_frame_embedding=False)
+    a = MultiviewDiT(DiTConfig(attention_backend="sdpa", **cfg), device="cuda", dtype=torch.bfloat16)
+    randomize_(a, seed=11)
+    b = MultiviewDiT(DiTConfig(attention_backend="auto", **cfg), device="cuda", dtype=torch.bfloat16)
+    b.load_state_dict(a.state_dict())
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(1, 16, 5 * 3, 14, 22, device="cuda", generator=g)
+    t = torch.randn(1, device="cuda", generator=g)
+    ctx = torch.randn(1, 5 * 64, 128, device="cuda", generator=g)
+    with torch.no_grad():
+        oa, ob = a(x, t, ctx, fps=10.0).float(), b(x, t, ctx, fps=10.0).float()
+    assert len(calls) == 2  # one self-attention per block, cross-attention stays on SDPA
+    assert (oa - ob).norm() / oa.norm() < 3e-2
+    b(x, t, ctx, fps=10.0).float().square().mean().backward()  # with autograd: hybrid, no new sm90 call
+    assert len(calls) == 2

@@ -10,10 +10,12 @@ Two backends compute the same thing:
 * ``"mvkernels"``: ``mvkernels.mv_attention`` with the per-head QK-norm and RoPE passed in (it applies them with
   the fused ``mvkernels.qk_norm_rope`` pass before its attention kernel).
 * ``"hybrid"``: the fused ``mvkernels.qk_norm_rope`` pass, then torch SDPA (whichever SDPA backend is enabled).
-``"auto"`` picks hybrid for CUDA tensors when the ops are installed, SDPA otherwise: on an H100 at 63,600 tokens
-the hybrid block ran at 577.6 ms (50.8% MFU) against 736.8 ms with mv_attention, whose Triton kernel reaches
-0.87x of cuDNN's dense forward (2026-11-23). Choose "mvkernels" for view-sparse connectivity, where it skips the
-unconnected blocks (1.2x FlexAttention on ring1) instead of masking them.
+``"auto"`` picks hybrid for CUDA tensors when the ops are installed, SDPA otherwise, except for self-attention
+without autograd (sampling) on Hopper, where it takes "mvkernels": its sm_90a forward measured 1.09-1.11x cuDNN's
+dense forward on an H100 (625-635 vs 574 TFLOP/s at 63,600 tokens), while its backward (Triton) is still slower
+than cuDNN's, so training keeps hybrid. Cross-attention (512 keys per view) stays on SDPA, which is faster there.
+Choose "mvkernels" for view-sparse connectivity, where it skips the unconnected blocks (1.5x FlexAttention on
+ring1) instead of masking them.
 """
 from __future__ import annotations
 
@@ -81,6 +83,15 @@ def mvkernels_available() -> bool:
 
 
 BACKENDS = ("auto", "sdpa", "mvkernels", "hybrid")
+
+
+def _hopper_forward_only(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """No autograd (sampling) and mv_attention's sm_90a forward can take these tensors: "auto" then prefers it."""
+    if torch.is_grad_enabled() or q.device.type != "cuda" or not mvkernels_available():
+        return False
+    from mvkernels.ops import mv_attention_sm90  # noqa: PLC0415 - only with the ops installed
+
+    return mv_attention_sm90.usable(q, k, v)
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -189,6 +200,8 @@ class Attention(nn.Module):
         the heads (context parallelism: the norm weights are shared by all heads)."""
         use_rope = self.is_selfattn and rope_angles is not None
         backend = resolve_backend(self.backend, q.device)
+        if self.backend == "auto" and use_rope and _hopper_forward_only(q, k, v):
+            backend = "mvkernels"
         if backend == "mvkernels":
             # One op: per-head RMSNorm (+ RoPE for self-attention) fused in front of the attention kernel.
             out = _mvkernels_ops()["mv_attention"](
