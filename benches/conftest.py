@@ -52,11 +52,19 @@ def record(benchmark, name: str, median_ms: float, fn=None, tracked: bool = True
     info = benchmark.extra_info.setdefault("results", {})
     info[name] = {"median_ms": median_ms, "tracked": tracked, **extra}
     benchmark.extra_info["gpu"] = gpu_name()
+    # pytest-benchmark writes a test to the JSON only if its fixture ran exactly once (a second call marks the test
+    # as failed): time fn, or run a no-op round, unless the test or an earlier figure already used it.
+    if getattr(benchmark, "_mode", None):
+        return
+
+    def synced():
+        fn()
+        torch.cuda.synchronize()
+
     if fn is not None:
-        def synced():
-            fn()
-            torch.cuda.synchronize()
         benchmark.pedantic(synced, rounds=5, iterations=1, warmup_rounds=1)
+    else:
+        benchmark.pedantic(lambda: None, rounds=1, iterations=1)
 
 
 @pytest.fixture
