@@ -42,7 +42,10 @@ def _fwd_bwd(fn, leaves, grad):
         for t in leaves:
             t.grad = None
         fn().backward(grad)
-    return step
+    # a variant made by _with_env must keep its environment through the backward too (MVKERNELS_ATTN_BWD is read
+    # when the backward op runs, after fn() has returned)
+    env = getattr(fn, "env", None)
+    return _with_env(env, step) if env else step
 
 
 def _qkv(S, dtype=torch.bfloat16, seed=0):
@@ -57,8 +60,9 @@ def _sdpa_layout(x):
 
 
 def _with_env(env: dict, fn):
-    """Runs ``fn`` with the environment variables ``env`` set (MVKERNELS_ATTN_FWD=sm90|triton picks the forward;
-    MVKERNELS_ATTN_PINGPONG=0 turns the sm90 kernel's warpgroup ping-pong off); both are read at each call."""
+    """Runs ``fn`` with the environment variables ``env`` set (MVKERNELS_ATTN_FWD=sm90|triton picks the forward,
+    MVKERNELS_ATTN_BWD=sm90|triton the backward, MVKERNELS_ATTN_BWD_DQ=atomic|triton the sm90 backward's dQ;
+    MVKERNELS_ATTN_PINGPONG=0 turns the sm90 forward's ping-pong off); all are read at each call."""
     def run():
         old = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
@@ -70,6 +74,7 @@ def _with_env(env: dict, fn):
                     os.environ.pop(k)
                 else:
                     os.environ[k] = v
+    run.env = env
     return run
 
 
@@ -83,6 +88,13 @@ def _ours_variants(fn):
         out["ours-triton-fwd"] = _with_env({"MVKERNELS_ATTN_FWD": "triton"}, fn)
         out["ours-sm90-fwd"] = _with_env({"MVKERNELS_ATTN_FWD": "sm90", "MVKERNELS_ATTN_PINGPONG": "1"}, fn)
         out["ours-sm90-no-pingpong"] = _with_env({"MVKERNELS_ATTN_FWD": "sm90", "MVKERNELS_ATTN_PINGPONG": "0"}, fn)
+        if sm90.available_bwd():  # backward variants (same sm90 forward); in fwd mode they time the forward again
+            fwd = {"MVKERNELS_ATTN_FWD": "sm90", "MVKERNELS_ATTN_PINGPONG": "1"}
+            out["ours-sm90-bwd-triton"] = _with_env({**fwd, "MVKERNELS_ATTN_BWD": "triton"}, fn)
+            out["ours-sm90-bwd-sm90"] = _with_env({**fwd, "MVKERNELS_ATTN_BWD": "sm90",
+                                                   "MVKERNELS_ATTN_BWD_DQ": "atomic"}, fn)
+            out["ours-sm90-bwd-sm90-tritondq"] = _with_env({**fwd, "MVKERNELS_ATTN_BWD": "sm90",
+                                                            "MVKERNELS_ATTN_BWD_DQ": "triton"}, fn)
     return out
 
 
@@ -331,7 +343,7 @@ def main():
     ap.add_argument("--modes", default="fwd,fwdbwd", help="fwd, fwdbwd or both")
     ap.add_argument("--ring-fwd-only", action="store_true", help="ring1: forward only (skips compiling Flex bwd)")
     ap.add_argument("--sm90", action="store_true", help="also time ours with the Triton and the sm90 forward "
-                    "explicitly (MVKERNELS_ATTN_FWD), same process as cuDNN")
+                    "(MVKERNELS_ATTN_FWD) and backward (MVKERNELS_ATTN_BWD) explicitly, same process as cuDNN")
     args = ap.parse_args()
     if args.sm90:
         os.environ["MVKERNELS_BENCH_SM90"] = "1"

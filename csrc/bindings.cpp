@@ -83,6 +83,25 @@ PYBIND11_MODULE(_C, m) {
     a.n_views = n_views; a.scale = scale; a.dtype = dtype;
     mvkernels::mv_attention_fwd_sm90(a, stream);
   });
+  // Hopper attention backward: dK, dV and (dq_accum != 0) fp32 dQ atomics. lse/delta padded per segment.
+  m.def("mv_attention_bwd_sm90", [](int64_t stream, int dtype, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t dout,
+                                    std::array<int64_t, 3> qs, std::array<int64_t, 3> ks, std::array<int64_t, 3> vs,
+                                    std::array<int64_t, 3> dos, uintptr_t lse_pad, uintptr_t delta_pad, uintptr_t dk,
+                                    uintptr_t dv, uintptr_t dq_accum, uintptr_t conn_t,
+                                    std::array<int64_t, 5> b_sq_sk_h_d, int n_views, float scale) {
+    mvkernels::MvAttnBwdSm90Args a{};
+    a.q = reinterpret_cast<const void*>(q); a.k = reinterpret_cast<const void*>(k);
+    a.v = reinterpret_cast<const void*>(v); a.dout = reinterpret_cast<const void*>(dout);
+    a.q_sb = qs[0]; a.q_ss = qs[1]; a.q_sh = qs[2]; a.k_sb = ks[0]; a.k_ss = ks[1]; a.k_sh = ks[2];
+    a.v_sb = vs[0]; a.v_ss = vs[1]; a.v_sh = vs[2]; a.do_sb = dos[0]; a.do_ss = dos[1]; a.do_sh = dos[2];
+    a.lse_pad = reinterpret_cast<const float*>(lse_pad); a.delta_pad = reinterpret_cast<const float*>(delta_pad);
+    a.dk = reinterpret_cast<void*>(dk); a.dv = reinterpret_cast<void*>(dv);
+    a.dq_accum = reinterpret_cast<float*>(dq_accum);
+    a.conn_t = reinterpret_cast<const int*>(conn_t);
+    a.B = b_sq_sk_h_d[0]; a.Sq = b_sq_sk_h_d[1]; a.Sk = b_sq_sk_h_d[2]; a.H = b_sq_sk_h_d[3]; a.D = b_sq_sk_h_d[4];
+    a.n_views = n_views; a.scale = scale; a.dtype = dtype;
+    mvkernels::mv_attention_bwd_sm90(a, stream);
+  });
   m.def("mv_attention_sm90_supported", [](int64_t D, int dtype) { return mvkernels::mv_attention_sm90_supported(D, dtype); });
 #endif
 

@@ -1,4 +1,4 @@
-// Launch interface of the Hopper (sm_90a) forward kernel of mv_attention. Plain pointers, sizes, strides.
+// Launch interface of the Hopper (sm_90a) forward and backward kernels of mv_attention. Plain pointers, sizes, strides.
 #pragma once
 #include <cstdint>
 
@@ -21,9 +21,27 @@ struct MvAttnSm90Args {
 inline bool mv_attention_sm90_supported(int64_t D, int dtype) {
   return (D == 64 || D == 128) && (dtype == 2 || dtype == 3);
 }
+// Backward (csrc/mv_attention_sm90_bwd.cu): dK, dV and optionally dQ (fp32 atomics) of one mv_attention call.
+struct MvAttnBwdSm90Args {
+  // q, do [B, Sq, H, D], k, v [B, Sk, H, D]: element strides for (b, s, h); the D stride is 1.
+  const void* q; const void* k; const void* v; const void* dout;
+  int64_t q_sb, q_ss, q_sh, k_sb, k_ss, k_sh, v_sb, v_ss, v_sh, do_sb, do_ss, do_sh;
+  // [B * H, n_views, Lq_pad] fp32, Lq_pad = Lq rounded up to 64: the forward's base-2 lse (padding +inf) and
+  // delta = rowsum(dO * O) (padding 0), so the kernel copies whole 64-row slices and padded rows get P = 0.
+  const float* lse_pad; const float* delta_pad;
+  void* dk; void* dv;  // [B, Sk, H, D] contiguous, k's dtype
+  float* dq_accum;     // [B * H, n_views, Lq_pad, D] fp32, zeroed by the caller; receives scale * dS K. Null: no dQ
+  const int* conn_t;   // int32 [n_views, n_views + 1]: (count, query-segment ids) per key segment (transposed)
+  int64_t B, Sq, Sk, H, D;
+  int n_views;
+  float scale;
+  int dtype;
+};
+
 #ifdef MVWORLD_WITH_CUDA
 // Throws std::runtime_error on a bad argument or a CUDA error at launch.
 void mv_attention_fwd_sm90(const MvAttnSm90Args& a, int64_t stream);
+void mv_attention_bwd_sm90(const MvAttnBwdSm90Args& a, int64_t stream);
 #endif
 
 }  // namespace mvkernels

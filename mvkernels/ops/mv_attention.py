@@ -177,6 +177,13 @@ def _(q, k, v, n_views, conn, softmax_scale):
 def _mv_attention_bwd_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                          n_views: int, conn: list[int], softmax_scale: float) -> tuple[Tensor, Tensor, Tensor]:
     if _choose(q) == "triton":
+        if q.device.type == "cuda":
+            # Hopper: the sm_90a CUDA backward (csrc) unless MVKERNELS_ATTN_BWD=triton or the inputs do not fit;
+            # it consumes the (out, lse) of either forward (same base-2 lse convention).
+            from . import mv_attention_sm90 as sm90
+
+            if sm90.usable_bwd(q, k, v):
+                return sm90.backward(grad_out, q, k, v, out, lse, n_views, tuple(conn), softmax_scale)
         from . import mv_attention_triton as tri
 
         return tri.backward(grad_out, q, k, v, out, lse, n_views, tuple(conn), softmax_scale)
