@@ -62,7 +62,8 @@ def _sdpa_layout(x):
 def _with_env(env: dict, fn):
     """Runs ``fn`` with the environment variables ``env`` set (MVKERNELS_ATTN_FWD=sm90|triton picks the forward,
     MVKERNELS_ATTN_BWD=sm90|triton the backward, MVKERNELS_ATTN_BWD_DQ=atomic|triton the sm90 backward's dQ;
-    MVKERNELS_ATTN_PINGPONG=0 turns the sm90 forward's ping-pong off); all are read at each call."""
+    MVKERNELS_ATTN_PINGPONG=0 turns the sm90 forward's ping-pong off, MVKERNELS_ATTN_BWD_PINGPONG=1 the sm90
+    backward's on); all are read at each call."""
     def run():
         old = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
@@ -93,8 +94,10 @@ def _ours_variants(fn):
             out["ours-sm90-bwd-triton"] = _with_env({**fwd, "MVKERNELS_ATTN_BWD": "triton"}, fn)
             out["ours-sm90-bwd-sm90"] = _with_env({**fwd, "MVKERNELS_ATTN_BWD": "sm90",
                                                    "MVKERNELS_ATTN_BWD_DQ": "atomic"}, fn)
-            out["ours-sm90-bwd-sm90-tritondq"] = _with_env({**fwd, "MVKERNELS_ATTN_BWD": "sm90",
-                                                            "MVKERNELS_ATTN_BWD_DQ": "triton"}, fn)
+            tritondq = {**fwd, "MVKERNELS_ATTN_BWD": "sm90", "MVKERNELS_ATTN_BWD_DQ": "triton"}
+            out["ours-sm90-bwd-sm90-tritondq"] = _with_env({**tritondq, "MVKERNELS_ATTN_BWD_PINGPONG": "0"}, fn)
+            # the same with the dK/dV kernel's consumer warpgroups taking turns (A/B against the row above)
+            out["ours-sm90-bwd-pingpong"] = _with_env({**tritondq, "MVKERNELS_ATTN_BWD_PINGPONG": "1"}, fn)
     return out
 
 

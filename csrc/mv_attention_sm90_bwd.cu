@@ -32,9 +32,18 @@
 // Shared memory (16-bit, 128-byte swizzle, every block 1024-byte aligned), D = 128:
 //   K 32 KiB, V 32 KiB, kStages x (Q 16 KiB + dO 16 KiB + lse/delta 512 B), dS 2 x 16 KiB (double buffer).
 //
+// Ping-pong (kPingPong, MVKERNELS_ATTN_BWD_PINGPONG=1, only without the in-kernel dQ): the two consumer warpgroups
+// take strict turns at every GEMM issue point (S^T/dP^T, dV, dK: three per tile), so warpgroup 1 runs about one
+// GEMM behind warpgroup 0. Without it both drain their wgmma queue (wait<0>) at the same moment at every tile end
+// and both compute exp2 / dS at once; with it one warpgroup's drain, mbarrier wait and elementwise work run while
+// the tensor cores still have the other warpgroup's queued GEMMs. The arithmetic of each warpgroup is unchanged,
+// so dK/dV are bit-identical to the lockstep kernel.
+//
 // Ordering rules kept from the forward (.notes/attention.md): no non-wgmma instruction defines a register that is
 // an input or accumulator of a wgmma still in flight (P^T is packed while dP^T runs, dS^T while dV runs; neither
 // is read by those), and accumulators are read only after the wait that retires them (pin()).
+#include <cstdlib>  // std::getenv
+
 #include "mv_attention_sm90.h"
 #include "qk_norm_rope.h"  // DType
 #include "sm90_common.cuh"
@@ -187,6 +196,35 @@ struct DqSplit {
   static __device__ __forceinline__ int col0(int cw) { return D == 128 ? 64 * cw : 0; }
 };
 
+// Turn-taking of the two consumer warpgroups (kPingPong). Named barriers kTurn0 / kTurn1 (256 threads: one
+// warpgroup syncs, the other arrives; ids unused elsewhere in this kernel, 1 is the dQ path's dS barrier) gate
+// warpgroup 0's and warpgroup 1's GEMM issues. Warpgroup c waits on its own barrier before issuing and arrives on
+// the other's after committing, so issues alternate 0, 1, 0, 1, ... Balance, with n = 3 * n_tiles turns each:
+//   kTurn0: warpgroup 0 syncs n + 1 times (every turn + finish()); warpgroup 1 arrives 1 (start()) + n times.
+//   kTurn1: warpgroup 1 syncs n times; warpgroup 0 arrives n times.
+// Both are skipped entirely when n_tiles == 0 (uniform over the CTA), so empty walks stay balanced too. Strict
+// alternation also means no barrier ever receives a second arrive before its previous sync completed.
+template <bool kOn>
+struct TurnTaking {
+  static constexpr int kTurn0 = 2, kTurn1 = 3;
+  int cw;
+  bool active;  // n_tiles > 0
+  // warpgroup 1 pre-arrives so that warpgroup 0 takes the first turn
+  __device__ __forceinline__ void start() const {
+    if (kOn && active && cw == 1) named_arrive(kTurn0);
+  }
+  __device__ __forceinline__ void my_turn() const {
+    if (kOn) named_sync(cw == 0 ? kTurn0 : kTurn1);
+  }
+  __device__ __forceinline__ void hand_over() const {
+    if (kOn) named_arrive(cw == 0 ? kTurn1 : kTurn0);
+  }
+  // warpgroup 0 consumes warpgroup 1's last hand-over (keeps the loop free of a "last turn" branch)
+  __device__ __forceinline__ void finish() const {
+    if (kOn && active && cw == 0) named_sync(kTurn0);
+  }
+};
+
 // ------------------------------------------------------------------------------------------------------------
 // elementwise steps on the m64n64 accumulator fragment (layout: sm90_common.cuh): value 4j + 2r + e is at key
 // row 16w + l/4 + 8r and query column 8j + 2(l%4) + e, so each thread needs 16 lse/delta values (8 float2).
@@ -240,12 +278,14 @@ struct Params {
 // ------------------------------------------------------------------------------------------------------------
 // kernel
 // ------------------------------------------------------------------------------------------------------------
-template <typename T, int D, bool kDq>
+template <typename T, int D, bool kDq, bool kPingPong>
 __global__ void __launch_bounds__(kThreads, 1)
     mv_attn_bwd_sm90_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_k,
                             const __grid_constant__ CUtensorMap tm_v, const __grid_constant__ CUtensorMap tm_do,
                             const Params prm) {
 #if MV_SM90_DEVICE
+  // the in-kernel dQ path's dS barrier (id 1) pairs the warpgroups per tile: turn-taking on top of it could deadlock
+  static_assert(!(kDq && kPingPong), "ping-pong only with dQ from the Triton kernel");
   using L = BwdSmem<D>;
   constexpr int kStages = L::kStages;
   extern __shared__ uint8_t smem_raw[];
@@ -328,6 +368,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   uint32_t pf[16], dsf[16];
   float2 stats[8];
 
+  const TurnTaking<kPingPong> turns{cw, n_tiles > 0};
+  turns.start();
   if (n_tiles > 0) mbar_wait(kv_full, 0);
   int c = 0, mt = 0;
   for (int t = 0; t < n_tiles; ++t) {
@@ -336,20 +378,24 @@ __global__ void __launch_bounds__(kThreads, 1)
     mbar_wait(full(st), (t / kStages) & 1);
 
     // S^T and dP^T as two groups: the exponentials of P^T run while dP^T is computed
+    turns.my_turn();
     wgmma_fence();
     issue_transposed_scores<T, D>(s, k_rows, sQ(st));
     wgmma_commit();
     issue_transposed_scores<T, D>(dp, v_rows, sDO(st));
     wgmma_commit();
+    turns.hand_over();
     wgmma_wait<1>();
     pin(s);
     load_row_stats(stats, sLse(st), lane);
     probs<T>(s, pf, stats, prm.scale_log2);
 
     // dV += P^T dO; dS^T is computed while it runs (its registers are no input of the dV GEMM)
+    turns.my_turn();
     wgmma_fence();
     issue_key_grad<T, D>(dv, pf, sDO(st));
     wgmma_commit();
+    turns.hand_over();
     wgmma_wait<1>();  // dP^T done (groups retire in order), dV may still run
     pin(dp);
     load_row_stats(stats, sDelta(st), lane);
@@ -360,10 +406,12 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
 
     // dK += dS^T Q and dQ = dS K
+    turns.my_turn();
     wgmma_fence();
     issue_key_grad<T, D>(dk, dsf, sQ(st));
     if constexpr (kDq) issue_dq<T, D, DqSplit<D>::kKeys>(dq, ds_buf + DqSplit<D>::ds_offset(cw), sK + DqSplit<D>::k_offset(cw));
     wgmma_commit();
+    turns.hand_over();
     wgmma_wait<0>();
     pin(pf);
     pin(dsf);
@@ -383,6 +431,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     if (++mt == tiles_per_seg) { mt = 0; ++c; }
   }
+  turns.finish();
   pin(dk);
   pin(dv);
 
@@ -413,9 +462,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 // ------------------------------------------------------------------------------------------------------------
 constexpr const char* kWho = "mv_attention_bwd_sm90";
 
-template <typename T, int D, bool kDq>
+template <typename T, int D, bool kDq, bool kPingPong>
 void launch(const MvAttnBwdSm90Args& a, cudaStream_t stream) {
-  auto kernel = mv_attn_bwd_sm90_kernel<T, D, kDq>;
+  auto kernel = mv_attn_bwd_sm90_kernel<T, D, kDq, kPingPong>;
   const int smem = BwdSmem<D>::kBytes;
   static std::once_flag once;
   static cudaError_t attr_err = cudaSuccess;
@@ -452,10 +501,18 @@ void launch(const MvAttnBwdSm90Args& a, cudaStream_t stream) {
   if (err != cudaSuccess) throw std::runtime_error(std::string(kWho) + ": launch failed: " + cudaGetErrorString(err));
 }
 
+// MVKERNELS_ATTN_BWD_PINGPONG=1 (read per call; default 0 = the lockstep kernel) turns on the consumer warpgroups'
+// turn-taking. It applies only with dQ from the Triton kernel; the atomic-dQ kernel always runs in lockstep.
+inline bool pingpong_requested() {
+  const char* env = std::getenv("MVKERNELS_ATTN_BWD_PINGPONG");
+  return env && env[0] == '1';
+}
+
 template <typename T, int D>
 void launch_dq(const MvAttnBwdSm90Args& a, cudaStream_t st) {
-  if (a.dq_accum) launch<T, D, true>(a, st);
-  else launch<T, D, false>(a, st);
+  if (a.dq_accum) launch<T, D, true, false>(a, st);
+  else if (pingpong_requested()) launch<T, D, false, true>(a, st);
+  else launch<T, D, false, false>(a, st);
 }
 
 }  // namespace sm90_bwd

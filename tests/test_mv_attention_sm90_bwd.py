@@ -141,6 +141,62 @@ def test_sm90_bwd_triton_dq_variant(dtype, D, monkeypatch):
     assert torch.equal(grads[1], atomic[1]) and torch.equal(grads[2], atomic[2])
 
 
+PINGPONG_CASES = [  # B, n_views, Lq, Lk, connectivity, H, D
+    (1, 1, 1000, 1000, "all", 2, 128),     # dense, 16 query tiles per key tile: many turns
+    (2, 1, 97, 37, "all", 3, 128),         # odd lengths, one query tile per CTA (3 turns each)
+    (1, 5, 97, 97, "ring1", 2, 128),       # odd segments, 5 views
+    (1, 5, 200, 512, "self", 2, 128),      # Sk != Sq: 4 key tiles per view, 4 query tiles each
+    (1, 3, 100, 100, "unseen", 2, 128),    # key view 2 seen by nobody: CTAs with 0 tiles (no turn at all)
+    (2, 1, 300, 300, "all", 2, 64),        # head dim 64
+    (1, 6, 200, 200, "ring2", 2, 64),
+]
+
+
+def _pingpong_conn(name):
+    if name == "unseen":
+        return torch.tensor((1, 1, 0, 1, 1, 0, 1, 1, 0), dtype=torch.bool).view(3, 3)
+    return _conn(name)
+
+
+@requires_sm90
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", PINGPONG_CASES,
+                         ids=[f"b{c[0]}-v{c[1]}-{c[2]}x{c[3]}-{c[4]}-d{c[6]}" for c in PINGPONG_CASES])
+def test_sm90_bwd_pingpong_is_bit_identical(dtype, case, monkeypatch):
+    """MVKERNELS_ATTN_BWD_PINGPONG=1 (turn-taking of the consumer warpgroups, Triton dQ) changes only when each
+    warpgroup issues its GEMMs, never what it computes: dK/dV/dQ must be the same bits as the lockstep kernel's,
+    and within the float64 rule. A hang here would mean unbalanced named barriers."""
+    B, n_views, Lq, Lk, conn, H, D = case
+    monkeypatch.setenv("MVKERNELS_ATTN_BWD_DQ", "triton")
+    monkeypatch.setenv("MVKERNELS_ATTN_BWD_PINGPONG", "0")
+    connectivity = _pingpong_conn(conn)
+    args, lockstep = _direct(dtype, B, n_views, Lq, Lk, connectivity, H=H, D=D,
+                             seed=100 + PINGPONG_CASES.index(case))
+    q, k, v, do, out, lse, nv, fl, scale = args
+    monkeypatch.setenv("MVKERNELS_ATTN_BWD_PINGPONG", "1")
+    for rep in range(2):  # twice: a race between the warpgroups would likely show as a difference
+        grads = sm90.backward(do, q, k, v, out, lse, nv, tuple(fl), scale)
+        torch.cuda.synchronize()
+        for name, a, b in zip(NAMES, grads, lockstep):
+            assert torch.equal(a, b), f"run {rep} {name}: ping-pong differs from lockstep"
+    _check_grads(grads, q, k, v, do, n_views, connectivity, scale, what="ping-pong")
+    if conn == "unseen":
+        assert grads[1][:, 200:].abs().sum() == 0 and grads[2][:, 200:].abs().sum() == 0
+
+
+@requires_sm90
+@pytest.mark.parametrize("D", [64, 128])
+def test_sm90_bwd_pingpong_ignored_with_atomic_dq(D, monkeypatch):
+    """The atomic-dQ kernel synchronises its warpgroups per tile (dS barrier), so the switch must fall back to the
+    lockstep kernel there: same dK/dV bits, dQ within the float64 rule (its atomics are not bit-reproducible)."""
+    args, atomic = _direct(torch.bfloat16, 1, 5, 150, 150, "ring1", D=D, seed=41)
+    q, k, v, do, out, lse, nv, fl, scale = args
+    monkeypatch.setenv("MVKERNELS_ATTN_BWD_PINGPONG", "1")
+    grads = sm90.backward(do, q, k, v, out, lse, nv, tuple(fl), scale)
+    _check_grads(grads, q, k, v, do, 5, "ring1", scale, what="atomic dQ + ping-pong switch")
+    assert torch.equal(grads[1], atomic[1]) and torch.equal(grads[2], atomic[2])
+
+
 @requires_sm90
 def test_sm90_bwd_realistic_shape():
     """5 views x 1,272 tokens (not a tile multiple), 4 heads, hd128, ring1, fused QKV."""

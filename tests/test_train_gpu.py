@@ -2,8 +2,12 @@
 hooks against the plain FSDP path, resume with the offloaded state, and the tiny bf16 + compile recipe."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+
+from mvmodel.trainer.checkpoint import iter_name
 
 from test_train_loop import run_tiny, tiny_dataset
 
@@ -18,7 +22,11 @@ def dataset(tmp_path_factory):
 
 
 def test_offloaded_optimizer_matches_fsdp_path(dataset, tmp_path):
-    common = ["trainer.device=cuda", "trainer.max_iter=6", "trainer.tf32=false"]
+    # Random init differs by path (the offloaded one initialises on the GPU, the FSDP one on the CPU: other RNG
+    # streams), so both start from the same saved weights.
+    _, seed = run_tiny(dataset, tmp_path / "seed", ["trainer.device=cuda", "trainer.max_iter=1"])
+    start = Path(seed["checkpoint_dir"]) / iter_name(1, "reg_model")
+    common = ["trainer.device=cuda", "trainer.max_iter=6", "trainer.tf32=false", f"checkpoint.load_path={start}"]
     _, plain = run_tiny(dataset, tmp_path / "plain", common)
     _, off = run_tiny(dataset, tmp_path / "off", common + ["optimizer.cpu_offload=true"])
     # Same fp32 math; the offloaded update is torch._fused_adamw_ on the CPU instead of the fused CUDA kernel.
