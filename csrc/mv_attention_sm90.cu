@@ -179,19 +179,17 @@ __global__ void __launch_bounds__(kThreads, 1)
       mbar_init(k_empty(s), kConsumerWarps);
       mbar_init(v_empty(s), kConsumerWarps);
     }
-    // make the initialised barriers visible to the async proxy (TMA) and to the other threads
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+    fence_barrier_init();
   }
   __syncthreads();
 
   const int wg = threadIdx.x / 128;
   if (wg == 0) {
     // ---------------- producer: one thread issues every TMA load ----------------
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(kProducerRegs));
+    shrink_registers<kProducerRegs>();
     if (threadIdx.x != 0) return;
-    asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&tm_k)) : "memory");
-    asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&tm_v)) : "memory");
+    prefetch_map(&tm_k);
+    prefetch_map(&tm_v);
     mbar_expect_tx(q_full, L::kTileBytes);
 #pragma unroll
     for (int cb = 0; cb < L::kColBlocks; ++cb)
@@ -217,7 +215,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 
   // ---------------- consumers: warpgroups 1 and 2, 64 query rows each ----------------
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(kConsumerRegs));
+  grow_registers<kConsumerRegs>();
   const int cw = wg - 1;
   const int tid = threadIdx.x - 128 * wg;
   const int warp = tid / 32, lane = tid % 32;

@@ -109,38 +109,6 @@ __device__ __forceinline__ void red_add_f2(float* p, float a, float b) {
   asm volatile("red.relaxed.gpu.global.add.v2.f32 [%0], {%1, %2};" ::"l"(p), "f"(a), "f"(b) : "memory");
 }
 
-// S[64 x 64] (+)= A[64 x 16] B[64 x 16]^T, both K-major in shared memory (S^T and dP^T).
-template <typename T>
-__device__ __forceinline__ void wgmma_ss_n64(float (&d)[32], uint64_t da, uint64_t db, int scale_d) {
-  if constexpr (MmaType<T>::kBf16) {
-    asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %34, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " MV_REGS32 ", %32, %33, p, 1, 1, 0, 0;\n}\n"
-                 : MV_F32(d)
-                 : "l"(da), "l"(db), "r"(scale_d));
-  } else {
-    asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %34, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 " MV_REGS32 ", %32, %33, p, 1, 1, 0, 0;\n}\n"
-                 : MV_F32(d)
-                 : "l"(da), "l"(db), "r"(scale_d));
-  }
-}
-
-// dQ[64 x 64] (+)= A[64 x 16] B[16 x 64], A MN-major (imm-trans-a = 1) and B MN-major (imm-trans-b = 1).
-template <typename T>
-__device__ __forceinline__ void wgmma_ss_n64_tt(float (&d)[32], uint64_t da, uint64_t db, int scale_d) {
-  if constexpr (MmaType<T>::kBf16) {
-    asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %34, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " MV_REGS32 ", %32, %33, p, 1, 1, 1, 1;\n}\n"
-                 : MV_F32(d)
-                 : "l"(da), "l"(db), "r"(scale_d));
-  } else {
-    asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %34, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 " MV_REGS32 ", %32, %33, p, 1, 1, 1, 1;\n}\n"
-                 : MV_F32(d)
-                 : "l"(da), "l"(db), "r"(scale_d));
-  }
-}
-
 // ------------------------------------------------------------------------------------------------------------
 // the GEMMs of a query tile (issue only; the caller fences, commits and waits)
 // ------------------------------------------------------------------------------------------------------------
@@ -177,7 +145,7 @@ __device__ __forceinline__ void issue_dq(float (&dq)[32], uint32_t ds_rows, uint
 #pragma unroll
   for (int kk = 0; kk < kKeys / 16; ++kk) {
     const uint32_t off = kk * 16 * kRowBytes;
-    wgmma_ss_n64_tt<T>(dq, smem_desc(ds_rows + off, BwdSmem<D>::kDsBytes, 1024),
+    wgmma_ss_n64<T, true>(dq, smem_desc(ds_rows + off, BwdSmem<D>::kDsBytes, 1024),
                        smem_desc(k_rows + off, BwdSmem<D>::kKBlockBytes, 1024), kk > 0);
   }
 }
@@ -315,18 +283,17 @@ __global__ void __launch_bounds__(kThreads, 1)
       mbar_init(full(s), 1);
       mbar_init(empty(s), kConsumerWarps);
     }
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+    fence_barrier_init();
   }
   __syncthreads();
 
   const int wg = threadIdx.x / 128;
   if (wg == 0) {
     // ---------------- producer: one thread issues every TMA load ----------------
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(kProducerRegs));
+    shrink_registers<kProducerRegs>();
     if (threadIdx.x != 0 || n_tiles == 0) return;
-    asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&tm_q)) : "memory");
-    asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&tm_do)) : "memory");
+    prefetch_map(&tm_q);
+    prefetch_map(&tm_do);
     mbar_expect_tx(kv_full, 2 * L::kKVTile);
 #pragma unroll
     for (int cb = 0; cb < L::kColBlocks; ++cb) {
@@ -354,7 +321,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 
   // ---------------- consumers: warpgroups 1 and 2, 64 keys each ----------------
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(kConsumerRegs));
+  grow_registers<kConsumerRegs>();
   const int cw = wg - 1;
   const int tid = threadIdx.x - 128 * wg;
   const int warp = tid / 32, lane = tid % 32;

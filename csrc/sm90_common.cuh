@@ -131,54 +131,68 @@ template <typename T> struct MmaType;
 template <> struct MmaType<__nv_bfloat16> { static constexpr bool kBf16 = true; };
 template <> struct MmaType<__half> { static constexpr bool kBf16 = false; };
 
+// One wgmma instruction in both of its spellings: the element type is part of the opcode, so the bf16 and fp16
+// forms are separate string literals. PRE/POST are the text before the opcode and after its type.
+#define MV_WGMMA(T, PRE, SHAPE, POST, ...)                                                                   \
+  do {                                                                                                     \
+    if constexpr (MmaType<T>::kBf16)                                                                       \
+      asm volatile(PRE "wgmma.mma_async.sync.aligned." SHAPE ".f32.bf16.bf16 " POST : __VA_ARGS__);        \
+    else                                                                                                   \
+      asm volatile(PRE "wgmma.mma_async.sync.aligned." SHAPE ".f32.f16.f16 " POST : __VA_ARGS__);          \
+  } while (0)
+// scale_d = 0 overwrites the accumulator (first k-step of a tile): a predicate made inside the asm block.
+#define MV_SCALE_D_PRED(i) "{\n .reg .pred p;\n setp.ne.b32 p, %" #i ", 0;\n"
+
 // S[64 x 128] (+)= A[64 x 16] * B[128 x 16]^T, both from shared memory, K-major (no transposes).
-// scale_d = 0 overwrites S (first k-step of a tile).
 template <typename T>
 __device__ __forceinline__ void wgmma_ss_n128(float (&d)[64], uint64_t da, uint64_t db, int scale_d) {
-  if constexpr (MmaType<T>::kBf16) {
-    asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %66, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 " MV_REGS64 ", %64, %65, p, 1, 1, 0, 0;\n}\n"
-                 : MV_F64(d)
-                 : "l"(da), "l"(db), "r"(scale_d));
-  } else {
-    asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %66, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 " MV_REGS64 ", %64, %65, p, 1, 1, 0, 0;\n}\n"
-                 : MV_F64(d)
-                 : "l"(da), "l"(db), "r"(scale_d));
-  }
+  MV_WGMMA(T, MV_SCALE_D_PRED(66), "m64n128k16", MV_REGS64 ", %64, %65, p, 1, 1, 0, 0;\n}\n",
+           MV_F64(d) : "l"(da), "l"(db), "r"(scale_d));
+}
+
+// S[64 x 64] (+)= A[64 x 16] B[64 x 16]^T, both K-major in shared memory; kTrans: both MN-major instead
+// (imm-trans-a = imm-trans-b = 1), i.e. A[64 x 16] B[16 x 64] read from their transposed layouts.
+template <typename T, bool kTrans = false>
+__device__ __forceinline__ void wgmma_ss_n64(float (&d)[32], uint64_t da, uint64_t db, int scale_d) {
+  if constexpr (kTrans)
+    MV_WGMMA(T, MV_SCALE_D_PRED(34), "m64n64k16", MV_REGS32 ", %32, %33, p, 1, 1, 1, 1;\n}\n",
+             MV_F32(d) : "l"(da), "l"(db), "r"(scale_d));
+  else
+    MV_WGMMA(T, MV_SCALE_D_PRED(34), "m64n64k16", MV_REGS32 ", %32, %33, p, 1, 1, 0, 0;\n}\n",
+             MV_F32(d) : "l"(da), "l"(db), "r"(scale_d));
 }
 
 // O[64 x N] += A[64 x 16] (registers) * B[16 x N], B from shared memory MN-major (imm-trans-b = 1).
 template <typename T>
 __device__ __forceinline__ void wgmma_rs_n128(float (&d)[64], const uint32_t* a, uint64_t db) {
-  if constexpr (MmaType<T>::kBf16) {
-    asm volatile("wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 " MV_REGS64
-                 ", {%64, %65, %66, %67}, %68, 1, 1, 1, 1;\n"
-                 : MV_F64(d)
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
-  } else {
-    asm volatile("wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 " MV_REGS64
-                 ", {%64, %65, %66, %67}, %68, 1, 1, 1, 1;\n"
-                 : MV_F64(d)
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
-  }
+  MV_WGMMA(T, "", "m64n128k16", MV_REGS64 ", {%64, %65, %66, %67}, %68, 1, 1, 1, 1;\n",
+           MV_F64(d) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
 }
 
 template <typename T>
 __device__ __forceinline__ void wgmma_rs_n64(float (&d)[32], const uint32_t* a, uint64_t db) {
-  if constexpr (MmaType<T>::kBf16) {
-    asm volatile("wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " MV_REGS32
-                 ", {%32, %33, %34, %35}, %36, 1, 1, 1, 1;\n"
-                 : MV_F32(d)
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
-  } else {
-    asm volatile("wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 " MV_REGS32
-                 ", {%32, %33, %34, %35}, %36, 1, 1, 1, 1;\n"
-                 : MV_F32(d)
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
-  }
+  MV_WGMMA(T, "", "m64n64k16", MV_REGS32 ", {%32, %33, %34, %35}, %36, 1, 1, 1, 1;\n",
+           MV_F32(d) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
 }
 
+// ------------------------------------------------------------------------------------------------------------
+// kernel set-up shared by the producer/consumer kernels
+// ------------------------------------------------------------------------------------------------------------
+// After thread 0 initialised the mbarriers: make them visible to the async proxy (TMA) and to the other threads.
+__device__ __forceinline__ void fence_barrier_init() {
+  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+}
+
+// Warpgroup register budgets: the producer gives registers back, the consumers take them (whole warpgroups).
+template <int N>
+__device__ __forceinline__ void shrink_registers() { asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(N)); }
+template <int N>
+__device__ __forceinline__ void grow_registers() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(N)); }
+
+__device__ __forceinline__ void prefetch_map(const CUtensorMap* map) {
+  asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
+}
 
 // Fragment of an m64nN fp32 accumulator: thread (warp w, lane l) holds, for each 8-column block j,
 //   s[4j + 0], s[4j + 1] at row 16w + l/4,     columns 8j + 2(l%4) + {0, 1}
