@@ -48,6 +48,23 @@ def _fwd_bwd(fn, leaves, grad):
     return _with_env(env, step) if env else step
 
 
+def _time_modes(label, runners, modes, flops, timer):
+    """Rows (label, mode, name, ms, TFLOP/s) for each {name: (fn, leaves, grad)} and mode: "fwd" times fn under
+    no_grad, "fwdbwd" times fn + backward(grad) with the leaves' grads cleared (FLOPs 3.5x the forward's)."""
+    rows = []
+    for mode in modes:
+        for name, (fn, leaves, grad) in runners.items():
+            if mode == "fwd":
+                with torch.no_grad():
+                    ms = timer(fn)
+                fl = flops
+            else:
+                ms = timer(_fwd_bwd(fn, leaves, grad))
+                fl = 3.5 * flops
+            rows.append((label, mode, name, ms, _tflops(fl, ms)))
+    return rows
+
+
 def _qkv(S, dtype=torch.bfloat16, seed=0):
     """Ours reads q, k, v as slices of one [1, S, 3, H, D] projection; SDPA gets its preferred [1, H, S, D]."""
     g = torch.Generator(device="cuda").manual_seed(seed)
@@ -110,24 +127,13 @@ def case_dense(S, timer, modes=("fwd", "fwdbwd")):
     peer_in = [_sdpa_layout(t.detach()).requires_grad_() for t in ours_in]
     grad = torch.randn(1, S, H, D, device="cuda", dtype=torch.bfloat16)
     flops = 4.0 * S * S * D * H
-    rows = []
     runners = {n: (f, [qkv], grad) for n, f in _ours_variants(lambda: mv_attention(*ours_in)).items()}
     for name, be in (("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa-flash", SDPBackend.FLASH_ATTENTION)):
         def run(be=be):
             with sdpa_kernel(be):
                 return F.scaled_dot_product_attention(*peer_in)
         runners[name] = (run, peer_in, grad.transpose(1, 2).contiguous())
-    for mode in modes:
-        for name, (fn, leaves, g) in runners.items():
-            if mode == "fwd":
-                with torch.no_grad():
-                    ms = timer(fn)
-                fl = flops
-            else:
-                ms = timer(_fwd_bwd(fn, leaves, g))
-                fl = 3.5 * flops
-            rows.append((f"dense S={S}", mode, name, ms, _tflops(fl, ms)))
-    return rows
+    return _time_modes(f"dense S={S}", runners, modes, flops, timer)
 
 
 def case_dq_variants(S, timer):
@@ -181,18 +187,7 @@ def case_ring1(S, timer, n_views=5, modes=("fwd", "fwdbwd")):
     runners = {n: (f, [qkv], grad) for n, f in
                _ours_variants(lambda: mv_attention(*ours_in, n_views=n_views, connectivity="ring1")).items()}
     runners.update({"flex": (lambda: flex(*peer_in, block_mask=block_mask), peer_in, grad.transpose(1, 2).contiguous())})
-    rows = []
-    for mode in modes:
-        for name, (fn, leaves, g) in runners.items():
-            if mode == "fwd":
-                with torch.no_grad():
-                    ms = timer(fn)
-                fl = flops
-            else:
-                ms = timer(_fwd_bwd(fn, leaves, g))
-                fl = 3.5 * flops
-            rows.append((f"ring1 5v S={S}", mode, name, ms, _tflops(fl, ms)))
-    return rows
+    return _time_modes(f"ring1 5v S={S}", runners, modes, flops, timer)
 
 
 def _norm_rope_eager(x, w, ang, eps=1e-6):
@@ -224,19 +219,8 @@ def case_fused(S, timer, modes=("fwd", "fwdbwd")):
             return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
                                                   qkv[:, :, 2].transpose(1, 2)).transpose(1, 2)
 
-    flops = 4.0 * S * S * D * H
-    rows = []
-    for mode in modes:
-        for name, fn in (("ours", ours), ("compile-normrope+cudnn", peer)):
-            if mode == "fwd":
-                with torch.no_grad():
-                    ms = timer(fn)
-                fl = flops
-            else:
-                ms = timer(_fwd_bwd(fn, [qkv, wq, wk], grad))
-                fl = 3.5 * flops
-            rows.append((f"fused S={S}", mode, name, ms, _tflops(fl, ms)))
-    return rows
+    runners = {name: (fn, [qkv, wq, wk], grad) for name, fn in (("ours", ours), ("compile-normrope+cudnn", peer))}
+    return _time_modes(f"fused S={S}", runners, modes, 4.0 * S * S * D * H, timer)
 
 
 def case_cross(S, timer, n_views=5, text=512, modes=("fwd", "fwdbwd")):
@@ -257,19 +241,8 @@ def case_cross(S, timer, n_views=5, text=512, modes=("fwd", "fwdbwd")):
         vb = kv[:, :, 1].reshape(n_views, text, H, D).transpose(1, 2)
         return F.scaled_dot_product_attention(qb, kb, vb).transpose(1, 2).reshape(1, S, H, D)
 
-    flops = 4.0 * S * text * D * H
-    rows = []
-    for mode in modes:
-        for name, fn in (*_ours_variants(ours).items(), ("sdpa-batched", peer)):
-            if mode == "fwd":
-                with torch.no_grad():
-                    ms = timer(fn)
-                fl = flops
-            else:
-                ms = timer(_fwd_bwd(fn, [q, kv], grad))
-                fl = 3.5 * flops
-            rows.append((f"cross S={S} 5x{text}", mode, name, ms, _tflops(fl, ms)))
-    return rows
+    runners = {name: (fn, [q, kv], grad) for name, fn in (*_ours_variants(ours).items(), ("sdpa-batched", peer))}
+    return _time_modes(f"cross S={S} 5x{text}", runners, modes, 4.0 * S * text * D * H, timer)
 
 
 def _print(rows):
