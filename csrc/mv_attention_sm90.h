@@ -21,7 +21,7 @@ struct MvAttnSm90Args {
 inline bool mv_attention_sm90_supported(int64_t D, int dtype) {
   return (D == 64 || D == 128) && (dtype == 2 || dtype == 3);
 }
-// Backward (csrc/mv_attention_sm90_bwd.cu): dK, dV and optionally dQ (fp32 atomics) of one mv_attention call.
+// Backward (csrc/mv_attention_sm90_bwd.cu): dK, dV and optionally dQ (fp32 bulk reduce-add) of one mv_attention call.
 struct MvAttnBwdSm90Args {
   // q, do [B, Sq, H, D], k, v [B, Sk, H, D]: element strides for (b, s, h); the D stride is 1.
   const void* q; const void* k; const void* v; const void* dout;
@@ -30,7 +30,9 @@ struct MvAttnBwdSm90Args {
   // delta = rowsum(dO * O) (padding 0), so the kernel copies whole 64-row slices and padded rows get P = 0.
   const float* lse_pad; const float* delta_pad;
   void* dk; void* dv;  // [B, Sk, H, D] contiguous, k's dtype
-  float* dq_accum;     // [B * H, n_views, Lq_pad, D] fp32, zeroed by the caller; receives scale * dS K. Null: no dQ
+  // [B * H, n_views, Lq_pad / 64, D / 64, 4096] fp32, zeroed by the caller; receives scale * dS K, each 64 x 64
+  // block in fragment order (see mv_attention_sm90.py). Null: no dQ (the Triton dQ kernel computes it)
+  float* dq_accum;
   const int* conn_t;   // int32 [n_views, n_views + 1]: (count, query-segment ids) per key segment (transposed)
   int64_t B, Sq, Sk, H, D;
   int n_views;

@@ -237,6 +237,8 @@ __device__ __forceinline__ void release(uint32_t bar, int lane) {
 // run one warpgroup's GEMMs while the other one computes its softmax.
 __device__ __forceinline__ void named_sync(int id) { asm volatile("bar.sync %0, 256;" ::"r"(id) : "memory"); }
 __device__ __forceinline__ void named_arrive(int id) { asm volatile("bar.arrive %0, 256;" ::"r"(id) : "memory"); }
+// one warpgroup alone (128 threads)
+__device__ __forceinline__ void warpgroup_sync(int id) { asm volatile("bar.sync %0, 128;" ::"r"(id) : "memory"); }
 #endif  // MV_SM90_DEVICE
 
 

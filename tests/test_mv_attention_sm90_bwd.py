@@ -3,7 +3,8 @@
 GPU tests need an sm_90 device and an extension built with 90a; elsewhere they skip. Accuracy rule as in
 test_mv_attention.py: err(kernel grads vs f64) <= 3x err(same-dtype PyTorch reference grads vs f64) + floor.
 The kernel is called directly (``sm90.backward`` on the forward's out/lse) and through the autograd path, where it
-is also compared with the Triton backward. dQ comes from fp32 atomics (default) or the Triton dQ kernel.
+is also compared with the Triton backward. dQ comes from the kernel's own bulk reduce-adds (the fixture's default)
+or the Triton dQ kernel. The dQ block layout is also checked on the CPU (it runs everywhere).
 """
 from __future__ import annotations
 
@@ -30,6 +31,32 @@ def requires_sm90(fn):
 
 FLOOR = {torch.bfloat16: 2e-3, torch.float16: 5e-4}
 NAMES = ("dq", "dk", "dv")
+
+
+@pytest.mark.parametrize("D,Lq,n_views", [(128, 150, 3), (64, 64, 2), (128, 1, 1), (128, 97, 1)])
+def test_dq_block_order_round_trip(D, Lq, n_views):
+    """_dq_from_blocks inverts the kernel's dQ store order: a known dq is scattered exactly as the kernel's consumer
+    threads store it (thread (w, lane) writes float4 j = fragment values 4j..4j+3 at 16-byte chunk (8w + j) * 32 +
+    lane of its 64 x 64 block; value 4j + 2r + e is row 16w + lane/4 + 8r, column 8j + 2(lane%4) + e) and read back."""
+    B, H = 2, 3
+    T = -(-Lq // 64)
+    g = torch.Generator().manual_seed(5)
+    dq = torch.randn(B, n_views, T * 64, H, D, generator=g)  # padded rows included
+    acc = torch.empty(B * H, n_views, T, D // 64, 64 * 64)
+    w, j, lane, r, e = torch.meshgrid(*(torch.arange(n) for n in (4, 8, 32, 2, 2)), indexing="ij")
+    pos = (((w * 8 + j) * 32 + lane) * 4 + 2 * r + e).flatten()
+    row = (16 * w + lane // 4 + 8 * r).flatten()
+    col = (8 * j + 2 * (lane % 4) + e).flatten()
+    for b in range(B):
+        for h in range(H):
+            for s in range(n_views):
+                for t in range(T):
+                    for cb in range(D // 64):
+                        block = dq[b, s, 64 * t:64 * t + 64, h, 64 * cb:64 * cb + 64]
+                        acc[b * H + h, s, t, cb, pos] = block[row, col]
+    got = sm90._dq_from_blocks(acc, B, H, n_views, Lq, torch.float32)
+    assert got.shape == (B, n_views * Lq, H, D) and got.is_contiguous()
+    assert torch.equal(got, dq[:, :, :Lq].reshape(B, n_views * Lq, H, D))
 
 
 @pytest.fixture(autouse=True)
@@ -132,7 +159,7 @@ def test_sm90_bwd_matches_float64(dtype, case, fused):
 @pytest.mark.parametrize("D", [64, 128])
 def test_sm90_bwd_triton_dq_variant(dtype, D, monkeypatch):
     """MVKERNELS_ATTN_BWD_DQ=triton: dK/dV from the sm90 kernel, dQ from the Triton kernel; dK/dV are the same
-    bits as with atomics (the atomics only touch dQ)."""
+    bits as with the in-kernel dQ (its reduce-adds only touch dQ)."""
     args, atomic = _direct(dtype, 1, 5, 150, 150, "ring1", D=D, seed=31)
     monkeypatch.setenv("MVKERNELS_ATTN_BWD_DQ", "triton")
     q, k, v, do, out, lse, nv, fl, scale = args
@@ -187,8 +214,8 @@ def test_sm90_bwd_pingpong_is_bit_identical(dtype, case, monkeypatch):
 @requires_sm90
 @pytest.mark.parametrize("D", [64, 128])
 def test_sm90_bwd_pingpong_ignored_with_atomic_dq(D, monkeypatch):
-    """The atomic-dQ kernel synchronises its warpgroups per tile (dS barrier), so the switch must fall back to the
-    lockstep kernel there: same dK/dV bits, dQ within the float64 rule (its atomics are not bit-reproducible)."""
+    """The in-kernel-dQ kernel synchronises its warpgroups per tile (dS barrier), so the switch must fall back to
+    the lockstep kernel there: same dK/dV bits, dQ within the float64 rule (its reduce order varies run to run)."""
     args, atomic = _direct(torch.bfloat16, 1, 5, 150, 150, "ring1", D=D, seed=41)
     q, k, v, do, out, lse, nv, fl, scale = args
     monkeypatch.setenv("MVKERNELS_ATTN_BWD_PINGPONG", "1")
@@ -305,3 +332,24 @@ def test_math_backward_is_the_oracle_we_compare_with():
     ours = _reference_grads(q, k, v, do, 3, _conn("custom"), 0.3, torch.float64)
     for a, b in zip(exact, ours):
         torch.testing.assert_close(a, b)
+
+
+@requires_sm90
+def test_sm90_bwd_deterministic_mode_uses_triton_dq(monkeypatch):
+    """torch.use_deterministic_algorithms(True) overrides the in-kernel dQ (its reduce order varies): two backward
+    runs give the same dQ bits, and they equal the explicit MVKERNELS_ATTN_BWD_DQ=triton result."""
+    monkeypatch.delenv("MVKERNELS_ATTN_BWD_DQ")
+    assert sm90._dq_in_kernel()
+    args, _ = _direct(torch.bfloat16, 1, 1, 1000, 1000, "all", seed=51)
+    q, k, v, do, out, lse, nv, fl, scale = args
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert not sm90._dq_in_kernel()
+        first = sm90.backward(do, q, k, v, out, lse, nv, tuple(fl), scale)
+        second = sm90.backward(do, q, k, v, out, lse, nv, tuple(fl), scale)
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    monkeypatch.setenv("MVKERNELS_ATTN_BWD_DQ", "triton")
+    explicit = sm90.backward(do, q, k, v, out, lse, nv, tuple(fl), scale)
+    assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(first, second, explicit))

@@ -6,10 +6,12 @@ Same contracts as ``mv_attention_triton.forward`` / ``backward``: out [B, Sq, H,
 their strides (TMA maps).
 
 ``MVKERNELS_ATTN_FWD=sm90|triton`` picks the forward and ``MVKERNELS_ATTN_BWD=sm90|triton`` the backward on Hopper
-(default ``sm90`` for both when it can run the inputs; read at each call). The sm90 backward computes dK/dV and
-takes dQ from the Triton dQ kernel (``MVKERNELS_ATTN_BWD_DQ=triton``, the default: deterministic, and faster on an
-H100: fwd+bwd at 63,600 tokens 502.3 ms vs 518.7 ms); ``MVKERNELS_ATTN_BWD_DQ=atomic`` computes dQ inside the
-dK/dV kernel with fp32 atomics instead (not bitwise deterministic run to run).
+(default ``sm90`` for both when it can run the inputs; read at each call). The sm90 backward computes dK/dV and,
+by default, dQ in the same kernel: each CTA stages its fp32 dQ block in shared memory and adds it to a global
+accumulator with a bulk reduce-add in the L2 (H100, 63,600 tokens: backward 322 ms vs 396 ms with dQ from the
+Triton kernel, which recomputes S and dP). The order of those additions varies run to run, so dQ is not bitwise
+reproducible; ``MVKERNELS_ATTN_BWD_DQ=triton`` or ``torch.use_deterministic_algorithms(True)`` selects the
+deterministic Triton dQ kernel instead.
 """
 from __future__ import annotations
 
@@ -112,6 +114,32 @@ def _pad_rows(x: torch.Tensor, B: int, H: int, n_views: int, Lq: int, Lq_pad: in
     return torch.nn.functional.pad(x, (0, Lq_pad - Lq), value=value)
 
 
+def _dq_in_kernel() -> bool:
+    """dQ inside the dK/dV kernel (bulk reduce-adds, the default) unless MVKERNELS_ATTN_BWD_DQ=triton or PyTorch's
+    deterministic mode is on (the reduce order varies run to run; the Triton dQ kernel is deterministic)."""
+    if torch.are_deterministic_algorithms_enabled():
+        return False
+    return _env_choice("MVKERNELS_ATTN_BWD_DQ", ("atomic", "triton")) == "atomic"
+
+
+def _dq_from_blocks(acc: torch.Tensor, B: int, H: int, n_views: int, Lq: int, dtype) -> torch.Tensor:
+    """The kernel's dQ accumulator -> dq [B, Sq, H, D] in ``dtype``.
+
+    acc is [B * H, n_views, tiles, D / 64, 4096] fp32 (already scaled): one 64 x 64 block per (query tile, 64
+    columns), stored in the wgmma accumulator's fragment order, float4 (w, j, lane, r, e) with lane = 4 lq + lm
+    for row 16 w + 8 r + lq and column 8 j + 2 lm + e (thread-contiguous stores in the kernel). One strided copy
+    puts rows and columns back in place; the padded rows past each segment's end are then cut off."""
+    T, CB = acc.shape[2], acc.shape[3]
+    blocks = acc.view(B, H, n_views, T, CB, 4, 8, 8, 4, 2, 2)  # (.., w, j, lq, lm, r, e)
+    # -> (B, n_views, T, w, r, lq, H, CB, j, lm, e) = [B, n_views, T * 64, H, D]
+    rows = torch.empty((B, n_views, T, 4, 2, 8, H, CB, 8, 4, 2), dtype=dtype, device=acc.device)
+    rows.copy_(blocks.permute(0, 2, 3, 5, 9, 7, 1, 4, 6, 8, 10))
+    rows = rows.view(B, n_views, T * 64, H, CB * 64)
+    if T * 64 == Lq:
+        return rows.view(B, n_views * Lq, H, CB * 64)
+    return rows[:, :, :Lq].contiguous().view(B, n_views * Lq, H, CB * 64)
+
+
 def backward(do, q, k, v, out, lse, n_views: int, conn: tuple[int, ...], scale: float):
     """dq [B, Sq, H, D], dk, dv [B, Sk, H, D], contiguous in the inputs' dtype (``mv_attention_triton.backward``'s
     contract). Caller checked ``usable_bwd``. delta = rowsum(dO * O) comes from the Triton pre-pass."""
@@ -133,9 +161,9 @@ def backward(do, q, k, v, out, lse, n_views: int, conn: tuple[int, ...], scale: 
                                            HEAD_DIM=D, BLOCK=128)
     lse_pad = _pad_rows(lse, B, H, n_views, Lq, Lq_pad, float("inf"))
     delta_pad = _pad_rows(delta, B, H, n_views, Lq, Lq_pad, 0.0)
-    atomic_dq = _env_choice("MVKERNELS_ATTN_BWD_DQ", ("triton", "atomic")) == "atomic"
-    dq_accum = (torch.zeros((B * H, n_views, Lq_pad, D), dtype=torch.float32, device=q.device) if atomic_dq
-                else None)
+    atomic_dq = _dq_in_kernel()
+    dq_accum = (torch.zeros((B * H, n_views, Lq_pad // _BLOCK_M, D // 64, 64 * 64), dtype=torch.float32,
+                            device=q.device) if atomic_dq else None)
     stream = torch.cuda.current_stream(q.device).cuda_stream
     with torch.cuda.device(q.device):
         _ext.lib().mv_attention_bwd_sm90(
@@ -145,11 +173,7 @@ def backward(do, q, k, v, out, lse, n_views: int, conn: tuple[int, ...], scale: 
             lse_pad.data_ptr(), delta_pad.data_ptr(), dk.data_ptr(), dv.data_ptr(),
             dq_accum.data_ptr() if atomic_dq else 0, cols.data_ptr(), [B, Sq, Sk, H, D], n_views, float(scale))
     if atomic_dq:
-        # [B*H, n_views, Lq_pad, D] fp32 (already scaled) -> [B, Sq, H, D] in q's dtype: one strided copy
-        dq = torch.empty((B, Sq, H, D), dtype=q.dtype, device=q.device)
-        dq.view(B, n_views, Lq, H, D).copy_(
-            dq_accum.view(B, H, n_views, Lq_pad, D)[:, :, :, :Lq].permute(0, 2, 3, 1, 4))
-        return dq, dk, dv
+        return _dq_from_blocks(dq_accum, B, H, n_views, Lq, q.dtype), dk, dv
     dq = torch.empty((B, Sq, H, D), dtype=q.dtype, device=q.device)
     Lk = Sk // n_views
     tri._mv_attn_bwd_dq[lambda m: (n_views * -(-Lq // m["BLOCK_M"]), B * H)](

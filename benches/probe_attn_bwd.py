@@ -1,0 +1,123 @@
+"""Probe: where the time of mv_attention's Hopper backward goes, against cuDNN's backward, in one process.
+
+Dense attention (one view), bf16, 32 heads x 128, q/k/v slices of one fused [1, S, 3, H, D] projection as in the
+model. Times (CUDA events, medians, L2 flushed): the sm90 forward; the whole sm90 backward per dQ variant
+(MVKERNELS_ATTN_BWD_DQ=triton: dK/dV kernel + Triton dQ kernel; =atomic: dQ inside the dK/dV kernel by bulk
+reduce-adds); cuDNN's forward and forward+backward (its backward = the difference). Then one profiled backward
+per variant lists every kernel's GPU time, so the pieces (delta pre-pass, padding, zero fill, the kernels, the
+dQ layout copy) are measured rather than inferred.
+
+    python benches/probe_attn_bwd.py [--seq 63600] [--rep 10] [--variants triton,atomic]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+import torch.nn.functional as F
+
+from conftest import cuda_time
+
+H, D = 32, 128
+
+
+def _with_dq(variant, fn):
+    """variant "triton" or "atomic[:sched[:rotate]]" -> MVKERNELS_ATTN_BWD_DQ[_SCHED] / _ROTATE around fn."""
+    name, *rest = variant.split(":")
+    env = {"MVKERNELS_ATTN_BWD_DQ": name, "MVKERNELS_ATTN_BWD_DQ_SCHED": rest[0] if rest else "0",
+           "MVKERNELS_ATTN_BWD_ROTATE": rest[1] if len(rest) > 1 else "0"}
+
+    def run():
+        old = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            return fn()
+        finally:
+            for k, v in old.items():
+                if v is None:
+                    os.environ.pop(k)
+                else:
+                    os.environ[k] = v
+    return run
+
+
+def _kernel_table(fn, label):
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    print(f"-- kernels of one call: {label}")
+    for e in sorted(prof.key_averages(), key=lambda e: -e.device_time_total):
+        if e.device_time_total > 0:
+            print(f"   {e.device_time_total / 1e3:10.3f} ms  x{e.count:<3d} {e.key[:110]}")
+
+
+def main():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from mvkernels.ops import mv_attention_sm90 as sm90
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seq", type=int, default=63_600)
+    ap.add_argument("--rep", type=int, default=10)
+    ap.add_argument("--variants", default="triton,atomic",
+                    help="comma list of triton | atomic[:sched[:rotate]] (MVKERNELS_ATTN_BWD_DQ_SCHED, _ROTATE)")
+    ap.add_argument("--profile", default=None, help="variants to list kernels of (default: all)")
+    args = ap.parse_args()
+    S = args.seq
+    g = torch.Generator(device="cuda").manual_seed(0)
+    qkv = torch.randn(1, S, 3, H, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    do = torch.randn(1, S, H, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    scale = D ** -0.5
+    conn = (1,)  # one view that sees itself
+    fl_fwd = 4.0 * S * S * D * H
+    timer = lambda fn: cuda_time(fn, warmup=2, rep=args.rep)  # noqa: E731
+    rows = []
+    out, lse = sm90.forward(q, k, v, 1, conn, scale)
+    rows.append(("ours fwd (sm90)", timer(lambda: sm90.forward(q, k, v, 1, conn, scale)), fl_fwd))
+    ref = None
+    for variant in args.variants.split(","):
+        bwd = _with_dq(variant, lambda: sm90.backward(do, q, k, v, out, lse, 1, conn, scale))
+        grads = bwd()
+        if ref is None:
+            ref = grads
+        else:  # same math, other dQ path or walk order: differences are accumulation-order noise
+            errs = [(a.float() - b.float()).abs().max().item() for a, b in zip(grads, ref)]
+            print(f"{variant}: max |diff| to {args.variants.split(',')[0]}: dq {errs[0]:.3e} dk {errs[1]:.3e} "
+                  f"dv {errs[2]:.3e}")
+        rows.append((f"ours bwd dq={variant}", timer(bwd), 2.5 * fl_fwd))
+    peer = [t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v)]
+    do_t = do.transpose(1, 2).contiguous()
+
+    def cudnn_fwd():
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            return F.scaled_dot_product_attention(*peer)
+
+    def cudnn_fwdbwd():
+        for t in peer:
+            t.grad = None
+        cudnn_fwd().backward(do_t)
+
+    with torch.no_grad():
+        f_ms = timer(cudnn_fwd)
+    fb_ms = timer(cudnn_fwdbwd)
+    rows += [("cuDNN fwd", f_ms, fl_fwd), ("cuDNN fwd+bwd", fb_ms, 3.5 * fl_fwd),
+             ("cuDNN bwd (difference)", fb_ms - f_ms, 2.5 * fl_fwd)]
+    print(f"GPU: {torch.cuda.get_device_name()}, S={S}, H={H}, D={D}, bf16")
+    for name, ms, fl in rows:
+        print(f"{name:<28}{ms:10.3f} ms {fl / ms / 1e9:8.1f} TFLOP/s")
+    fwd_ms = rows[0][1]
+    for name, ms, _ in rows[1:1 + len(args.variants.split(","))]:
+        print(f"{name}: fwd+bwd {fwd_ms + ms:.1f} ms = {fb_ms / (fwd_ms + ms):.3f}x cuDNN")
+    for variant in (args.profile or args.variants).split(","):
+        _kernel_table(_with_dq(variant, lambda: sm90.backward(do, q, k, v, out, lse, 1, conn, scale)), variant)
+    _kernel_table(cudnn_fwdbwd, "cuDNN fwd+bwd")
+
+
+if __name__ == "__main__":
+    main()
