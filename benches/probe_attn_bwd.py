@@ -7,7 +7,7 @@ reduce-adds); cuDNN's forward and forward+backward (its backward = the differenc
 per variant lists every kernel's GPU time, so the pieces (delta pre-pass, padding, zero fill, the kernels, the
 dQ layout copy) are measured rather than inferred.
 
-    python benches/probe_attn_bwd.py [--seq 63600] [--rep 10] [--variants triton,atomic]
+    python benches/probe_attn_bwd.py [--seq 63600] [--rep 10] [--variants triton,atomic] [--fwd-block-n 128,176]
 """
 from __future__ import annotations
 
@@ -23,10 +23,8 @@ H, D = 32, 128
 
 
 def _with_dq(variant, fn):
-    """variant "triton" or "atomic[:sched[:rotate]]" -> MVKERNELS_ATTN_BWD_DQ[_SCHED] / _ROTATE around fn."""
-    name, *rest = variant.split(":")
-    env = {"MVKERNELS_ATTN_BWD_DQ": name, "MVKERNELS_ATTN_BWD_DQ_SCHED": rest[0] if rest else "0",
-           "MVKERNELS_ATTN_BWD_ROTATE": rest[1] if len(rest) > 1 else "0"}
+    """fn with MVKERNELS_ATTN_BWD_DQ=variant (triton | atomic)."""
+    env = {"MVKERNELS_ATTN_BWD_DQ": variant}
 
     def run():
         old = {k: os.environ.get(k) for k in env}
@@ -65,7 +63,8 @@ def main():
     ap.add_argument("--seq", type=int, default=63_600)
     ap.add_argument("--rep", type=int, default=10)
     ap.add_argument("--variants", default="triton,atomic",
-                    help="comma list of triton | atomic[:sched[:rotate]] (MVKERNELS_ATTN_BWD_DQ_SCHED, _ROTATE)")
+                    help="comma list of MVKERNELS_ATTN_BWD_DQ values (triton | atomic)")
+    ap.add_argument("--fwd-block-n", default="", help="also time the forward with these key tiles (128,176)")
     ap.add_argument("--profile", default=None, help="variants to list kernels of (default: all)")
     args = ap.parse_args()
     S = args.seq
@@ -80,6 +79,13 @@ def main():
     rows = []
     out, lse = sm90.forward(q, k, v, 1, conn, scale)
     rows.append(("ours fwd (sm90)", timer(lambda: sm90.forward(q, k, v, 1, conn, scale)), fl_fwd))
+    for bn in args.fwd_block_n.split(",") if args.fwd_block_n else ():
+        os.environ["MVKERNELS_ATTN_BLOCK_N"] = bn
+        o2, l2 = sm90.forward(q, k, v, 1, conn, scale)
+        print(f"fwd key tile {bn}: max |out diff| {(o2.float() - out.float()).abs().max().item():.3e}, "
+              f"max |lse diff| {(l2 - lse).abs().max().item():.3e}")
+        rows.append((f"ours fwd key tile {bn}", timer(lambda: sm90.forward(q, k, v, 1, conn, scale)), fl_fwd))
+        os.environ.pop("MVKERNELS_ATTN_BLOCK_N")
     ref = None
     for variant in args.variants.split(","):
         bwd = _with_dq(variant, lambda: sm90.backward(do, q, k, v, out, lse, 1, conn, scale))
@@ -112,8 +118,9 @@ def main():
     for name, ms, fl in rows:
         print(f"{name:<28}{ms:10.3f} ms {fl / ms / 1e9:8.1f} TFLOP/s")
     fwd_ms = rows[0][1]
-    for name, ms, _ in rows[1:1 + len(args.variants.split(","))]:
-        print(f"{name}: fwd+bwd {fwd_ms + ms:.1f} ms = {fb_ms / (fwd_ms + ms):.3f}x cuDNN")
+    for name, ms, _ in rows:
+        if name.startswith("ours bwd"):
+            print(f"{name}: fwd+bwd {fwd_ms + ms:.1f} ms = {fb_ms / (fwd_ms + ms):.3f}x cuDNN")
     for variant in (args.profile or args.variants).split(","):
         _kernel_table(_with_dq(variant, lambda: sm90.backward(do, q, k, v, out, lse, 1, conn, scale)), variant)
     _kernel_table(cudnn_fwdbwd, "cuDNN fwd+bwd")

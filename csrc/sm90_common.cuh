@@ -119,6 +119,7 @@ __device__ __forceinline__ uint64_t smem_desc(uint32_t addr, uint32_t lbo, uint3
                     "+f"(d[i + 6]), "+f"(d[i + 7])
 #define MV_F32(d) MV_F8(d, 0), MV_F8(d, 8), MV_F8(d, 16), MV_F8(d, 24)
 #define MV_F64(d) MV_F32(d), MV_F8(d, 32), MV_F8(d, 40), MV_F8(d, 48), MV_F8(d, 56)
+#define MV_F88(d) MV_F64(d), MV_F8(d, 64), MV_F8(d, 72), MV_F8(d, 80)
 #define MV_REGS32                                                                                              \
   "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, " \
   "%23, %24, %25, %26, %27, %28, %29, %30, %31}"
@@ -126,6 +127,13 @@ __device__ __forceinline__ uint64_t smem_desc(uint32_t addr, uint32_t lbo, uint3
   "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, " \
   "%23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, "  \
   "%44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}"
+
+#define MV_REGS88                                                                                              \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, " \
+  "%23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, "  \
+  "%44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, "  \
+  "%65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, "  \
+  "%86, %87}"
 
 template <typename T> struct MmaType;
 template <> struct MmaType<__nv_bfloat16> { static constexpr bool kBf16 = true; };
@@ -148,6 +156,13 @@ template <typename T>
 __device__ __forceinline__ void wgmma_ss_n128(float (&d)[64], uint64_t da, uint64_t db, int scale_d) {
   MV_WGMMA(T, MV_SCALE_D_PRED(66), "m64n128k16", MV_REGS64 ", %64, %65, p, 1, 1, 0, 0;\n}\n",
            MV_F64(d) : "l"(da), "l"(db), "r"(scale_d));
+}
+
+// S[64 x 176] (+)= A[64 x 16] * B[176 x 16]^T, as wgmma_ss_n128 (176-key tiles of the forward).
+template <typename T>
+__device__ __forceinline__ void wgmma_ss_n176(float (&d)[88], uint64_t da, uint64_t db, int scale_d) {
+  MV_WGMMA(T, MV_SCALE_D_PRED(90), "m64n176k16", MV_REGS88 ", %88, %89, p, 1, 1, 0, 0;\n}\n",
+           MV_F88(d) : "l"(da), "l"(db), "r"(scale_d));
 }
 
 // S[64 x 64] (+)= A[64 x 16] B[64 x 16]^T, both K-major in shared memory; kTrans: both MN-major instead

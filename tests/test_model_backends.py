@@ -110,17 +110,26 @@ def test_gpu_bf16_backends_match_sdpa(backend):
 @pytest.mark.gpu
 @pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)),
                     reason="needs an sm_90 GPU")
-def test_gpu_auto_sampling_takes_sm90_forward(monkeypatch):
-    """"auto" without autograd (sampling) on Hopper runs self-attention through the sm_90a forward and matches SDPA;
-    with autograd it keeps the hybrid path (the sm_90a kernel is forward-only)."""
+def test_gpu_auto_takes_sm90_kernels(monkeypatch):
+    """"auto" on Hopper runs self-attention through the sm_90a kernels, without autograd (sampling: forward) and
+    with it (training: forward and backward), and matches SDPA's output and gradients; cross-attention stays on
+    SDPA. With MVKERNELS_ATTN_BWD=triton (no sm90 backward wanted) training falls back to the hybrid path."""
     from mvkernels.ops import mv_attention_sm90
     from mvmodel.networks import DiTConfig
 
-    if not mv_attention_sm90.available():
-        pytest.skip("extension built without the sm_90a kernel")
-    calls = []
-    real_forward = mv_attention_sm90.forward
-    monkeypatch.setattr(mv_attention_sm90, "forward", lambda *a, **k: calls.append(1) or real_forward(*a, **k))
+    if not mv_attention_sm90.available_bwd():
+        pytest.skip("extension built without the sm_90a kernels")
+    calls = {"fwd": 0, "bwd": 0}
+    real_forward, real_backward = mv_attention_sm90.forward, mv_attention_sm90.backward
+
+    def count(name, fn):
+        def wrapped(*a, **k):
+            calls[name] += 1
+            return fn(*a, **k)
+        return wrapped
+
+    monkeypatch.setattr(mv_attention_sm90, "forward", count("fwd", real_forward))
+    monkeypatch.setattr(mv_attention_sm90, "backward", count("bwd", real_backward))
     cfg = dict(model_channels=512, num_heads=4, num_blocks=2, adaln_lora_dim=64, crossattn_emb_channels=128, n_views=5,
                view_condition_dim=3, add_repeat_frame_embedding=False)
     a = MultiviewDiT(DiTConfig(attention_backend="sdpa", **cfg), device="cuda", dtype=torch.bfloat16)
@@ -133,7 +142,15 @@ def test_gpu_auto_sampling_takes_sm90_forward(monkeypatch):
     ctx = torch.randn(1, 5 * 64, 128, device="cuda", generator=g)
     with torch.no_grad():
         oa, ob = a(x, t, ctx, fps=10.0).float(), b(x, t, ctx, fps=10.0).float()
-    assert len(calls) == 2  # one self-attention per block, cross-attention stays on SDPA
+    assert calls == {"fwd": 2, "bwd": 0}  # one self-attention per block, cross-attention stays on SDPA
     assert (oa - ob).norm() / oa.norm() < 3e-2
-    b(x, t, ctx, fps=10.0).float().square().mean().backward()  # with autograd: hybrid, no new sm90 call
-    assert len(calls) == 2
+    grads = []
+    for net in (a, b):
+        net.zero_grad()
+        net(x, t, ctx, fps=10.0).float().square().mean().backward()
+        grads.append(torch.cat([p.grad.float().flatten() for p in net.parameters() if p.grad is not None]))
+    assert calls == {"fwd": 4, "bwd": 2}  # training: the sm90 forward and backward in both blocks
+    assert (grads[0] - grads[1]).norm() / grads[0].norm() < 1e-1
+    monkeypatch.setenv("MVKERNELS_ATTN_BWD", "triton")
+    b(x, t, ctx, fps=10.0).float().square().mean().backward()  # no sm90 backward wanted: hybrid, no new calls
+    assert calls == {"fwd": 4, "bwd": 2}

@@ -102,8 +102,11 @@ def _conn(name, n):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("case", CASES, ids=[f"b{c[0]}-v{c[1]}-{c[2]}x{c[3]}-{c[4]}-d{c[6]}" for c in CASES])
 @pytest.mark.parametrize("fused", [True, False], ids=["strided", "contiguous"])
+@pytest.mark.parametrize("block_n", ["128", "176"], ids=["n128", "n176"])
 @requires_sm90
-def test_sm90_matches_float64(dtype, case, fused):
+def test_sm90_matches_float64(dtype, case, fused, block_n, monkeypatch):
+    """Every case with both key-tile sizes (MVKERNELS_ATTN_BLOCK_N: 176 applies at D = 128, 64 always uses 128)."""
+    monkeypatch.setenv("MVKERNELS_ATTN_BLOCK_N", block_n)
     B, n_views, Lq, Lk, conn, H, D = case
     _check(dtype, B, n_views, Lq, Lk, _conn(conn, n_views), H=H, D=D, fused=fused, seed=CASES.index(case))
 
@@ -121,8 +124,10 @@ def test_sm90_lse_equals_triton_lse(dtype, monkeypatch):
 
 
 @requires_sm90
-def test_sm90_realistic_shape():
+@pytest.mark.parametrize("block_n", ["128", "176"])
+def test_sm90_realistic_shape(block_n, monkeypatch):
     """A realistic slice of the workload: 5 views x 1,272 tokens (not a tile multiple), 4 heads, hd128, ring1."""
+    monkeypatch.setenv("MVKERNELS_ATTN_BLOCK_N", block_n)
     _check(torch.bfloat16, 1, 5, 1272, 1272, "ring1", H=4, seed=5)
 
 

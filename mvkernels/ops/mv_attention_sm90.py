@@ -71,6 +71,20 @@ def _kernel_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     return all(_tma_ok(t) for t in (q, k, v))
 
 
+def serves(q: torch.Tensor, backward: bool) -> bool:
+    """The sm90 kernels will take q's kind of input: Hopper, 16-bit, head dim 64/128, built and not switched off
+    (``backward``: the backward kernel too). Reads only metadata (no data pointers), so a module can ask while
+    torch.compile traces it; the op itself still checks every tensor's layout at run time and falls back to the
+    Triton kernels when TMA cannot read it."""
+    if q.device.type != "cuda" or q.dtype not in _DTYPE_CODE or not available():
+        return False
+    if torch.cuda.get_device_capability(q.device) != (9, 0) or requested() != "sm90":
+        return False
+    if backward and (requested_bwd() != "sm90" or not available_bwd()):
+        return False
+    return bool(_ext.lib().mv_attention_sm90_supported(q.shape[-1], _DTYPE_CODE[q.dtype]))
+
+
 def usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """True when the sm90 forward can run these inputs and the user did not ask for Triton."""
     return requested() == "sm90" and _kernel_fits(q, k, v)
@@ -182,5 +196,5 @@ def backward(do, q, k, v, out, lse, n_views: int, conn: tuple[int, ...], scale: 
     return dq, dk, dv
 
 
-__all__ = ["available", "available_bwd", "backward", "forward", "requested", "requested_bwd", "usable",
+__all__ = ["available", "available_bwd", "backward", "forward", "requested", "requested_bwd", "serves", "usable",
            "usable_bwd"]
