@@ -73,16 +73,26 @@ def _kernel_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
 
 def serves(q: torch.Tensor, backward: bool) -> bool:
     """The sm90 kernels will take q's kind of input: Hopper, 16-bit, head dim 64/128, built and not switched off
-    (``backward``: the backward kernel too). Reads only metadata (no data pointers), so a module can ask while
-    torch.compile traces it; the op itself still checks every tensor's layout at run time and falls back to the
-    Triton kernels when TMA cannot read it."""
-    if q.device.type != "cuda" or q.dtype not in _DTYPE_CODE or not available():
+    (``backward``: the backward kernel too). Reads only metadata, and no extension call is traced, so a module can
+    ask while torch.compile traces it without a graph break; the op itself still checks every tensor's layout at
+    run time and falls back to the Triton kernels when TMA cannot read it."""
+    if q.device.type != "cuda" or q.dtype not in _DTYPE_CODE:
         return False
-    if torch.cuda.get_device_capability(q.device) != (9, 0) or requested() != "sm90":
+    index = q.device.index if q.device.index is not None else torch.cuda.current_device()
+    return _serves(index, _DTYPE_CODE[q.dtype], int(q.shape[-1]), bool(backward), requested(), requested_bwd())
+
+
+@torch.compiler.assume_constant_result
+def _serves(device_index: int, dtype_code: int, head_dim: int, backward: bool, fwd_choice: str,
+            bwd_choice: str) -> bool:
+    # evaluated once per trace as a constant (it calls into the extension, which dynamo cannot trace)
+    if fwd_choice != "sm90" or not available() or not torch.cuda.is_available():
         return False
-    if backward and (requested_bwd() != "sm90" or not available_bwd()):
+    if torch.cuda.get_device_capability(device_index) != (9, 0):
         return False
-    return bool(_ext.lib().mv_attention_sm90_supported(q.shape[-1], _DTYPE_CODE[q.dtype]))
+    if backward and (bwd_choice != "sm90" or not available_bwd()):
+        return False
+    return bool(_ext.lib().mv_attention_sm90_supported(head_dim, dtype_code))
 
 
 def usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
