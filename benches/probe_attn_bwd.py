@@ -23,8 +23,10 @@ H, D = 32, 128
 
 
 def _with_dq(variant, fn):
-    """fn with MVKERNELS_ATTN_BWD_DQ=variant (triton | atomic)."""
-    env = {"MVKERNELS_ATTN_BWD_DQ": variant}
+    """fn with MVKERNELS_ATTN_BWD_DQ = the variant's first word (triton | atomic) and any further "+NAME=VALUE"
+    environment settings of the variant (e.g. atomic+MVKERNELS_ATTN_BWD_KREGS=4)."""
+    dq, *extra = variant.split("+")
+    env = {"MVKERNELS_ATTN_BWD_DQ": dq, **dict(e.split("=", 1) for e in extra)}
 
     def run():
         old = {k: os.environ.get(k) for k in env}
