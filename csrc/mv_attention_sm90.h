@@ -27,7 +27,8 @@ struct MvAttnBwdSm90Args {
   const void* q; const void* k; const void* v; const void* dout;
   int64_t q_sb, q_ss, q_sh, k_sb, k_ss, k_sh, v_sb, v_ss, v_sh, do_sb, do_ss, do_sh;
   // [B * H, n_views, Lq_pad] fp32, Lq_pad = Lq rounded up to 64: the forward's base-2 lse (padding +inf) and
-  // delta = rowsum(dO * O) (padding 0), so the kernel copies whole 64-row slices and padded rows get P = 0.
+  // delta = rowsum(dO * O) (padding 0), so the kernel copies whole 64-row slices and padded rows get P = 0; inside
+  // each 64-row tile, row 8j + 2q + e is stored at 16q + 2j + e (vector loads per lane quad q; _pad_rows).
   const float* lse_pad; const float* delta_pad;
   void* dk; void* dv;  // [B, Sk, H, D] contiguous, k's dtype
   // [B * H, n_views, Lq_pad / 64, D / 64, 4096] fp32, zeroed by the caller; receives scale * dS K, each 64 x 64

@@ -101,12 +101,6 @@ __device__ __forceinline__ void bulk_load(uint32_t dst, const void* src, uint32_
 // Generic-proxy shared stores (dS^T) must be visible to the async proxy (wgmma's smem operand reads).
 __device__ __forceinline__ void fence_async_smem() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
 
-__device__ __forceinline__ float2 ld_shared_f2(uint32_t addr) {
-  float2 v;
-  asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];" : "=f"(v.x), "=f"(v.y) : "r"(addr) : "memory");
-  return v;
-}
-
 __device__ __forceinline__ void st_shared_f4(uint32_t addr, float a, float b, float c, float d) {
   asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};" ::"r"(addr), "f"(a), "f"(b), "f"(c), "f"(d) : "memory");
 }
@@ -214,9 +208,19 @@ struct TurnTaking {
 // elementwise steps on the m64n64 accumulator fragment (layout: sm90_common.cuh): value 4j + 2r + e is at key
 // row 16w + l/4 + 8r and query column 8j + 2(l%4) + e, so each thread needs 16 lse/delta values (8 float2).
 // ------------------------------------------------------------------------------------------------------------
+// lse and delta arrive permuted per 64-row tile (the host's _pad_rows): the 16 values a quad lane q needs, columns
+// 8j + 2q + {0, 1} for j = 0..7, are contiguous at float offset 16q, so 4 vector loads fetch them instead of 8.
 __device__ __forceinline__ void load_row_stats(float2 (&v)[8], uint32_t stats, int lane) {
 #pragma unroll
-  for (int j = 0; j < 8; ++j) v[j] = ld_shared_f2(stats + 4 * (8 * j + 2 * (lane % 4)));
+  for (int k = 0; k < 4; ++k) {
+    float4 x;
+    asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];"
+                 : "=f"(x.x), "=f"(x.y), "=f"(x.z), "=f"(x.w)
+                 : "r"(stats + 64 * (lane % 4) + 16 * k)
+                 : "memory");
+    v[2 * k] = make_float2(x.x, x.y);
+    v[2 * k + 1] = make_float2(x.z, x.w);
+  }
 }
 
 // P^T in place of S^T (fp32), and packed into the A fragment of the dV GEMM (same packing as the forward's P).

@@ -131,11 +131,14 @@ _BLOCK_M = 64  # query rows per tile of the backward kernel: lse/delta are padde
 
 
 def _pad_rows(x: torch.Tensor, B: int, H: int, n_views: int, Lq: int, Lq_pad: int, value: float) -> torch.Tensor:
-    """[B, H, Sq] -> [B * H, n_views, Lq_pad] contiguous fp32, rows past each segment's end = ``value``."""
+    """[B, H, Sq] -> [B * H, n_views, Lq_pad] contiguous fp32, rows past each segment's end = ``value``, and each
+    64-row tile permuted for the kernel's vector loads: row 8j + 2q + e of a tile goes to 16q + 2j + e, so the 16
+    rows that lane quad q of a warp needs are contiguous."""
     x = x.reshape(B * H, n_views, Lq)
-    if Lq_pad == Lq:
-        return x.contiguous()
-    return torch.nn.functional.pad(x, (0, Lq_pad - Lq), value=value)
+    if Lq_pad != Lq:
+        x = torch.nn.functional.pad(x, (0, Lq_pad - Lq), value=value)
+    tiles = x.view(B * H, n_views, Lq_pad // _BLOCK_M, 8, 4, 2)  # (.., j, q, e)
+    return tiles.transpose(3, 4).contiguous().view(B * H, n_views, Lq_pad)
 
 
 def _dq_in_kernel() -> bool:
