@@ -15,7 +15,7 @@
 //                           a global fp32 accumulator with a single bulk reduce-add (cp.reduce.async.bulk, done by
 //                           the L2, 16 KiB per instruction; double-buffered so the copy-out of tile t overlaps tile
 //                           t+1). Not bitwise deterministic: the order of the CTAs' additions varies run to run.
-// dK is scaled by the softmax scale once at the end; dQ's share is scaled before the atomic add.
+// dK is scaled by the softmax scale once at the end; dQ's share is scaled before its reduce-add.
 //
 // Why these tiles: keys are M (the accumulators dK and dV stay in registers for the whole walk: D/2 + D/2 fp32
 // per thread = 128 at D = 128), query tiles of 64 rows keep S^T and dP^T at 32 registers each, and the dQ block
@@ -123,8 +123,8 @@ __device__ __forceinline__ void bulk_wait_all() { asm volatile("cp.async.bulk.wa
 // X^T = A_c B^T over D (S^T with A = K, B = Q; dP^T with A = V, B = dO). Both operands from shared memory: holding
 // K in registers instead (RS wgmma, saving 2 KiB of smem reads per k-step) measured 7.5% slower with 2 or 4 of
 // the 8 k-steps in registers and 23% with all 8 on an H100 (ptxas spills 16-112 bytes: the kernel has no spare
-// registers). k-step kk reads 16 columns of D: 32 bytes
-// into column block kk / 4 of both tiles (A: 128-row blocks, this warpgroup's 64 rows; B: 64-row blocks).
+// registers). k-step kk reads 16 columns of D: 32 bytes into column block kk / 4 of both tiles (A: 128-row blocks,
+// this warpgroup's 64 rows; B: 64-row blocks).
 template <typename T, int D>
 __device__ __forceinline__ void issue_transposed_scores(float (&acc)[32], uint32_t a_rows, uint32_t b_tile) {
   using L = BwdSmem<D>;
