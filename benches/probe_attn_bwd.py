@@ -12,11 +12,11 @@ dQ layout copy) are measured rather than inferred.
 from __future__ import annotations
 
 import argparse
-import os
 
 import torch
 import torch.nn.functional as F
 
+from bench_mv_attention import _with_env  # benches/ is on sys.path, as for conftest
 from conftest import cuda_time
 
 H, D = 32, 128
@@ -24,22 +24,9 @@ H, D = 32, 128
 
 def _with_dq(variant, fn):
     """fn with MVKERNELS_ATTN_BWD_DQ = the variant's first word (triton | atomic) and any further "+NAME=VALUE"
-    environment settings of the variant (e.g. atomic+MVKERNELS_ATTN_BWD_KREGS=4)."""
+    environment settings of the variant (e.g. atomic+MVKERNELS_ATTN_BLOCK_N=176)."""
     dq, *extra = variant.split("+")
-    env = {"MVKERNELS_ATTN_BWD_DQ": dq, **dict(e.split("=", 1) for e in extra)}
-
-    def run():
-        old = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        try:
-            return fn()
-        finally:
-            for k, v in old.items():
-                if v is None:
-                    os.environ.pop(k)
-                else:
-                    os.environ[k] = v
-    return run
+    return _with_env({"MVKERNELS_ATTN_BWD_DQ": dq, **dict(e.split("=", 1) for e in extra)}, fn)
 
 
 def _kernel_table(fn, label):
@@ -82,12 +69,11 @@ def main():
     out, lse = sm90.forward(q, k, v, 1, conn, scale)
     rows.append(("ours fwd (sm90)", timer(lambda: sm90.forward(q, k, v, 1, conn, scale)), fl_fwd))
     for bn in args.fwd_block_n.split(",") if args.fwd_block_n else ():
-        os.environ["MVKERNELS_ATTN_BLOCK_N"] = bn
-        o2, l2 = sm90.forward(q, k, v, 1, conn, scale)
+        fwd = _with_env({"MVKERNELS_ATTN_BLOCK_N": bn}, lambda: sm90.forward(q, k, v, 1, conn, scale))
+        o2, l2 = fwd()
         print(f"fwd key tile {bn}: max |out diff| {(o2.float() - out.float()).abs().max().item():.3e}, "
               f"max |lse diff| {(l2 - lse).abs().max().item():.3e}")
-        rows.append((f"ours fwd key tile {bn}", timer(lambda: sm90.forward(q, k, v, 1, conn, scale)), fl_fwd))
-        os.environ.pop("MVKERNELS_ATTN_BLOCK_N")
+        rows.append((f"ours fwd key tile {bn}", timer(fwd), fl_fwd))
     ref = None
     for variant in args.variants.split(","):
         bwd = _with_dq(variant, lambda: sm90.backward(do, q, k, v, out, lse, 1, conn, scale))
