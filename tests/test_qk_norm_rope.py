@@ -141,3 +141,69 @@ def test_unaligned_views_use_narrower_vectors(offset, device, backend):
     r = ref64(q, k, wq, wk, angles)
     for o, p, rr in zip(ours, pt, r):
         assert_close_rule(o, p, rr, 2, f"offset {offset}")
+
+
+def _angle_views(angles):
+    """The same [S, D] table as column-major, column-sliced and row-expanded views."""
+    S, D = angles.shape
+    column_major = angles.t().contiguous().t()
+    wide = torch.cat([angles, angles.flip(-1)], -1)
+    sliced = wide[:, :D]
+    expanded = angles[:1].expand(S, D)
+    return {"column_major": (column_major, angles), "column_sliced": (sliced, angles),
+            "expanded": (expanded, expanded.contiguous()), "every_other_column": (wide[:, ::2], wide[:, ::2].contiguous())}
+
+
+@pytest.mark.parametrize("view", ["column_major", "column_sliced", "expanded", "every_other_column"])
+@pytest.mark.parametrize("name", ["csrc", "reference"])
+def test_any_angle_strides(view, name, device, backend):
+    """Every strided view of the angle table gives what its contiguous copy gives (it used to read wrong values)."""
+    backend(name)
+    q, k, wq, wk, angles = make(2, 12, 3, 16, torch.float32, device, fused_qkv=True, seed=4)
+    strided, dense = _angle_views(angles)[view]
+    assert not strided.is_contiguous()
+    got = mvkernels.qk_norm_rope(q, k, wq, wk, strided)
+    want = mvkernels.qk_norm_rope(q, k, wq, wk, dense)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    r = ref64(q, k, wq, wk, dense)
+    pt = qk_norm_rope_reference(q, k, wq, wk, dense)
+    assert_close_rule(got[0], pt[0], r[0], 2, view)
+
+
+@pytest.mark.parametrize("name", ["csrc", "reference"])
+def test_any_tensor_strides_forward_and_gradients(name, device, backend):
+    """q/k permuted out of [B, H, S, D], sliced weights, a strided angle table and non-contiguous output gradients
+    give the results of contiguous copies of the same values."""
+    backend(name)
+    B, S, H, D = 2, 11, 3, 16
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(B, H, S, D, generator=g).to(device).transpose(1, 2)
+    k = torch.randn(B, H, S, D, generator=g).add(0.5).to(device).transpose(1, 2)
+    wq = (1 + 0.3 * torch.randn(2 * D, generator=g)).to(device)[::2]
+    wk = (1 + 0.3 * torch.randn(2 * D, generator=g)).to(device)[1::2]
+    angles = (torch.rand(D, S, generator=g) * 60).to(device).t()
+    gq = torch.randn(B, H, S, D, generator=g).to(device).transpose(1, 2)
+    gk = torch.randn(B, S, H, 2 * D, generator=g).to(device)[..., :D]
+
+    def run(tensors, grads):
+        leaves = [t.detach().clone() if t.is_contiguous() else t.detach() for t in tensors]
+        leaves = [t.requires_grad_() for t in leaves]
+        qo, ko = mvkernels.qk_norm_rope(*leaves, angles if not tensors[0].is_contiguous() else angles.contiguous())
+        return (qo, ko) + torch.autograd.grad((qo, ko), leaves, grads)
+
+    strided = run([q, k, wq, wk], (gq, gk))
+    dense = run([t.contiguous() for t in (q, k, wq, wk)], (gq.contiguous(), gk.contiguous()))
+    for name_, s, d in zip(("q", "k", "dq", "dk", "dq_weight", "dk_weight"), strided, dense):
+        torch.testing.assert_close(s, d, rtol=1e-6, atol=1e-6, msg=name_)
+
+
+def test_mv_attention_fused_prepass_takes_strided_angles():
+    """The same table bug reached mv_attention's fused QK-norm/RoPE path: a strided table must match its copy."""
+    q, k, wq, wk, angles = make(1, 12, 2, 16, torch.float32, "cpu", fused_qkv=True, seed=6)
+    v = torch.randn_like(q)
+    strided = angles.t().contiguous().t()
+    kw = dict(n_views=2, q_norm_weight=wq, k_norm_weight=wk)
+    got = mvkernels.mv_attention(q, k, v, rope_angles=strided, **kw)
+    want = mvkernels.mv_attention(q, k, v, rope_angles=angles, **kw)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -207,9 +207,13 @@ def qk_norm_rope(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, angle
                  eps: float = 1e-6) -> tuple[Tensor, Tensor]:
     """Per-head RMSNorm (affine ``[D]`` weights) then rotate-half RoPE on q and k.
 
-    q, k: ``[B, S, H, D]`` bf16/fp16/fp32(/fp64), last dim contiguous, other strides arbitrary.
-    angles: ``[S, D]`` fp32 (e.g. :func:`mvkernels.rope3d_angles`). Returns contiguous ``(q_out, k_out)``.
-    Differentiable in q, k and both weights.
+    q, k: ``[B, S, H, D]`` bf16/fp16/fp32(/fp64), last dim contiguous (ValueError otherwise), other strides
+    arbitrary. angles: ``[S, D]`` fp32 (e.g. :func:`mvkernels.rope3d_angles`), any strides. Returns contiguous
+    ``(q_out, k_out)``. Differentiable in q, k and both weights.
     """
     _validate(q, k, q_weight, k_weight, angles)
+    if angles.stride(-1) != 1:
+        # The kernels walk a row of the table with unit stride (only the row stride is passed): a transposed,
+        # column-sliced or column-expanded table is copied once rather than read wrongly.
+        angles = angles.contiguous()
     return _qk_norm_rope_op(q, k, q_weight, k_weight, angles, float(eps))
