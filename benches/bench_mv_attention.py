@@ -1,11 +1,12 @@
 """mv_attention on a GPU against its peers, timed in one process (CUDA events, medians).
 
 Workload: Cosmos-Predict1-7B multiview attention, bf16, B=1, 32 heads, head dim 128.
-  dense   S = 12,720 / 63,600 / 76,320: ours vs SDPA-cuDNN and SDPA-flash, fwd and fwd+bwd
+  dense   S = 12,720 / 63,600 / 76,320: ours vs FlashAttention-4, SDPA-cuDNN and SDPA-flash, fwd and fwd+bwd
   ring1   5 views at 63,600 (each view sees itself and its 2 ring neighbours): ours vs compiled FlexAttention
-          with the same block mask
-  fused   per-head RMSNorm + RoPE on q, k then attention: ours vs torch.compile'd norm+RoPE + SDPA-cuDNN
-  cross   63,600 queries, 5 x 512 text keys, view i sees text i: ours ("self") vs SDPA on a (B*5)-batch
+          and FlashAttention-4, both with the same 128 x 128 block mask (FA4: block sparsity + a CuTe mask_mod)
+  fused   per-head RMSNorm + RoPE on q, k then attention: ours vs torch.compile'd norm+RoPE + SDPA-cuDNN / FA4
+  cross   63,600 queries, 5 x 512 text keys, view i sees text i: ours ("self") vs SDPA and FA4 on a (B*5)-batch
+FlashAttention-4 (package flash-attn-4) is timed whenever it imports; its rows are absent otherwise.
 FLOPs (FlashAttention convention): fwd 4*Sq*Sk*D*H times the connected fraction, bwd 2.5x fwd.
 
 Standalone: ``python benches/bench_mv_attention.py [--quick]`` prints a table (all sizes, every case). Under
@@ -118,6 +119,20 @@ def _ours_variants(fn):
     return out
 
 
+def _fa4_func():
+    """Stock FlashAttention-4's ``flash_attn_func`` (what a user calls), or None when it is not installed."""
+    try:
+        from flash_attn.cute import flash_attn_func
+    except Exception as e:  # noqa: BLE001 - absent or broken: its rows are simply missing
+        print(f"FlashAttention-4 not timed: {type(e).__name__}: {e}")
+        return None
+    return flash_attn_func
+
+
+def _fa4_out(res):
+    return res[0] if isinstance(res, tuple) else res
+
+
 def case_dense(S, timer, modes=("fwd", "fwdbwd")):
     from mvkernels.ops.mv_attention import mv_attention
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -133,6 +148,9 @@ def case_dense(S, timer, modes=("fwd", "fwdbwd")):
             with sdpa_kernel(be):
                 return F.scaled_dot_product_attention(*peer_in)
         runners[name] = (run, peer_in, grad.transpose(1, 2).contiguous())
+    fa4 = _fa4_func()
+    if fa4 is not None:  # FA4 takes our [B, S, H, D] layout: the same strided q, k, v slices as ours
+        runners["fa4"] = (lambda: _fa4_out(fa4(*ours_in)), [qkv], grad)
     return _time_modes(f"dense S={S}", runners, modes, flops, timer)
 
 
@@ -187,7 +205,41 @@ def case_ring1(S, timer, n_views=5, modes=("fwd", "fwdbwd")):
     runners = {n: (f, [qkv], grad) for n, f in
                _ours_variants(lambda: mv_attention(*ours_in, n_views=n_views, connectivity="ring1")).items()}
     runners.update({"flex": (lambda: flex(*peer_in, block_mask=block_mask), peer_in, grad.transpose(1, 2).contiguous())})
+    fa4 = _fa4_func()
+    if fa4 is not None:
+        try:
+            fa4_ring = _fa4_ring_runner(fa4, ours_in, block_mask, n_views, L)
+            fa4_ring()  # compile once here, so a failure is reported and the other rows stay
+            runners["fa4"] = (fa4_ring, [qkv], grad)
+        except Exception as e:  # noqa: BLE001
+            print(f"FlashAttention-4 ring1 not timed: {type(e).__name__}: {e}")
     return _time_modes(f"ring1 5v S={S}", runners, modes, flops, timer)
+
+
+def _fa4_ring_runner(fa4, qkv_slices, block_mask, n_views, L, K=1):
+    """FA4 with flex's 128 x 128 block mask as its block-sparsity tensors and the ring rule as a CuTe mask_mod
+    (applied only inside the partially masked blocks)."""
+    import cutlass
+    import cutlass.cute as cute
+    from flash_attn.cute import utils as fa_utils
+    from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
+
+    @cute.jit
+    def ring_mask(batch, head, m_idx, n_idx, seqlen_info, aux_tensors):
+        seg = fa_utils.scalar_to_ssa(L, cutlass.Int32)
+        nv = fa_utils.scalar_to_ssa(n_views, cutlass.Int32)
+        d = (m_idx // seg - n_idx // seg + nv) % nv
+        return (d <= fa_utils.scalar_to_ssa(K, cutlass.Int32)) | (d >= fa_utils.scalar_to_ssa(n_views - K, cutlass.Int32))
+
+    bs = tuple(block_mask.BLOCK_SIZE)
+    fwd = BlockSparseTensorsTorch(mask_block_cnt=block_mask.kv_num_blocks, mask_block_idx=block_mask.kv_indices,
+                                  full_block_cnt=block_mask.full_kv_num_blocks,
+                                  full_block_idx=block_mask.full_kv_indices, block_size=bs)
+    bwd = BlockSparseTensorsTorch(mask_block_cnt=block_mask.q_num_blocks, mask_block_idx=block_mask.q_indices,
+                                  full_block_cnt=block_mask.full_q_num_blocks,
+                                  full_block_idx=block_mask.full_q_indices, block_size=bs)
+    return lambda: _fa4_out(fa4(*qkv_slices, mask_mod=ring_mask, block_sparse_tensors=fwd,
+                                block_sparse_tensors_bwd=bwd))
 
 
 def _norm_rope_eager(x, w, ang, eps=1e-6):
@@ -220,6 +272,12 @@ def case_fused(S, timer, modes=("fwd", "fwdbwd")):
                                                   qkv[:, :, 2].transpose(1, 2)).transpose(1, 2)
 
     runners = {name: (fn, [qkv, wq, wk], grad) for name, fn in (("ours", ours), ("compile-normrope+cudnn", peer))}
+    fa4 = _fa4_func()
+    if fa4 is not None:
+        def peer_fa4():
+            q, k = norm_rope(qkv[:, :, 0], wq, ang), norm_rope(qkv[:, :, 1], wk, ang)
+            return _fa4_out(fa4(q, k, qkv[:, :, 2]))
+        runners["compile-normrope+fa4"] = (peer_fa4, [qkv, wq, wk], grad)
     return _time_modes(f"fused S={S}", runners, modes, 4.0 * S * S * D * H, timer)
 
 
@@ -242,6 +300,12 @@ def case_cross(S, timer, n_views=5, text=512, modes=("fwd", "fwdbwd")):
         return F.scaled_dot_product_attention(qb, kb, vb).transpose(1, 2).reshape(1, S, H, D)
 
     runners = {name: (fn, [q, kv], grad) for name, fn in (*_ours_variants(ours).items(), ("sdpa-batched", peer))}
+    fa4 = _fa4_func()
+    if fa4 is not None:
+        def peer_fa4():
+            return _fa4_out(fa4(q.view(n_views, L, H, D), kv[:, :, 0].reshape(n_views, text, H, D),
+                                kv[:, :, 1].reshape(n_views, text, H, D))).reshape(1, S, H, D)
+        runners["fa4-batched"] = (peer_fa4, [q, kv], grad)
     return _time_modes(f"cross S={S} 5x{text}", runners, modes, 4.0 * S * text * D * H, timer)
 
 
@@ -299,7 +363,7 @@ def test_bench_dense(benchmark, S):
 
 
 def test_bench_ring1(benchmark):
-    _record(benchmark, case_ring1(63_600, _pytest_timer, modes=("fwd",)))
+    _record(benchmark, case_ring1(63_600, _pytest_timer))
 
 
 def test_bench_cross(benchmark):

@@ -119,6 +119,10 @@ def test_gpu_auto_takes_sm90_kernels(monkeypatch):
 
     if not mv_attention_sm90.available_bwd():
         pytest.skip("extension built without the sm_90a kernels")
+    from mvmodel.networks import attention
+
+    # the built-in choice, not the measured table (which may name another backend, e.g. FlashAttention-4)
+    monkeypatch.setattr(attention, "AUTO_TABLE", attention.AUTO_TABLE.with_name("no_such_table.json"))
     calls = {"fwd": 0, "bwd": 0}
     real_forward, real_backward = mv_attention_sm90.forward, mv_attention_sm90.backward
 

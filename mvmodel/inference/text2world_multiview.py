@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--device", default=None, help="default: cuda when available, else cpu")
     a("--dtype", default=None, choices=["bfloat16", "float32", "float16"], help="DiT dtype (default: bf16 on GPU)")
     a("--t5_dtype", default="float32", choices=["bfloat16", "float32"])
-    a("--attention_backend", default="auto", choices=["auto", "sdpa", "mvkernels", "hybrid"])
+    a("--attention_backend", default="auto", choices=["auto", "sdpa", "mvkernels", "hybrid", "fa4"])
     a("--compile", action="store_true", help="torch.compile each transformer block (first step compiles)")
     a("--sequential_cfg", action="store_true", help="run cond and uncond as two forwards instead of one of batch 2")
     a("--no_offload", action="store_true", help="keep the DiT on the GPU while decoding")

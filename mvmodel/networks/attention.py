@@ -5,21 +5,25 @@ are ``Sequential(Linear(no bias), per-head RMSNorm)``, ``to_v`` is ``Sequential(
 is ``Sequential(Linear, Dropout(0))``. Tokens are kept B-major, ``[B, S, D]``, instead of upstream's ``THWBD``:
 only the activation layout differs, every weight and the state dict are identical.
 
-Two backends compute the same thing:
+Backends compute the same thing:
 * ``"sdpa"``: plain-PyTorch RMSNorm and rotate-half RoPE, then ``torch.nn.functional.scaled_dot_product_attention``;
 * ``"mvkernels"``: ``mvkernels.mv_attention`` with the per-head QK-norm and RoPE passed in (it applies them with
-  the fused ``mvkernels.qk_norm_rope`` pass before its attention kernel).
-* ``"hybrid"``: the fused ``mvkernels.qk_norm_rope`` pass, then torch SDPA (whichever SDPA backend is enabled).
-``"auto"`` picks hybrid for CUDA tensors when the ops are installed, SDPA otherwise, except for self-attention on
-Hopper, where it takes "mvkernels" (the sm_90a kernels): on an H100 at 63,600 tokens their forward measured
-1.07-1.10x cuDNN's and forward+backward 1.02x (one 7B DiT block fwd+bwd 0.1% faster than hybrid, 1.1% with
-activation checkpointing). Cross-attention (512 keys per view) stays on SDPA, which is faster there.
-Choose "mvkernels" for view-sparse connectivity, where it skips the unconnected blocks (1.5x FlexAttention on
-ring1) instead of masking them.
+  the fused ``mvkernels.qk_norm_rope`` pass before its attention kernel);
+* ``"hybrid"``: the fused ``mvkernels.qk_norm_rope`` pass, then torch SDPA (whichever SDPA backend is enabled);
+* ``"fa4"``: the fused ``mvkernels.qk_norm_rope`` pass, then FlashAttention-4 (optional package ``flash-attn-4``;
+  dense and per-view connectivity only).
+``"auto"`` picks, per case (self/cross attention, dense/per-view/sparse connectivity, inference/training), the
+fastest backend measured on this GPU model: ``attention_table.json`` beside this file, written by
+``benches/bench_attention_choice.py``, lists the backends of each case fastest first and "auto" takes the first one
+that can run the inputs. GPUs not in the table: "mvkernels" for self-attention on Hopper (our sm_90a kernels),
+"hybrid" elsewhere on CUDA, "sdpa" on CPU.
 """
 from __future__ import annotations
 
+import functools
+import json
 import re
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -82,7 +86,14 @@ def mvkernels_available() -> bool:
     return "mv_attention" in ops and "qk_norm_rope" in ops
 
 
-BACKENDS = ("auto", "sdpa", "mvkernels", "hybrid")
+BACKENDS = ("auto", "sdpa", "mvkernels", "hybrid", "fa4")
+AUTO_TABLE = Path(__file__).with_name("attention_table.json")
+
+
+def _fa4():
+    from mvkernels.ops import fa4_attention  # noqa: PLC0415 - pure Python, imports FA4 lazily itself
+
+    return fa4_attention
 
 
 def _hopper_sm90(q: Tensor) -> bool:
@@ -103,7 +114,61 @@ def resolve_backend(backend: str, device: torch.device) -> str:
                            "installed; use attention_backend='sdpa'")
     if backend == "hybrid" and "qk_norm_rope" not in _mvkernels_ops():
         raise RuntimeError("attention_backend='hybrid' needs mvkernels.qk_norm_rope; use attention_backend='sdpa'")
+    if backend == "fa4" and not _fa4().available():
+        raise RuntimeError(f"attention_backend='fa4': {_fa4().install_hint()}")
     return backend
+
+
+def auto_case(self_attn: bool, connectivity: Any, training: bool) -> str:
+    """The key of one case in ``attention_table.json``: e.g. "self/dense/train", "cross/views/fwd"."""
+    if isinstance(connectivity, str) and connectivity in ("all", "self"):
+        pattern = "dense" if connectivity == "all" else "views"
+    else:
+        pattern = "sparse"
+    return f"{'self' if self_attn else 'cross'}/{pattern}/{'train' if training else 'fwd'}"
+
+
+@torch.compiler.assume_constant_result
+def _measured_order(device_index: int, case: str) -> str:
+    """Comma-separated backends of ``case`` for this GPU model, fastest first ("" when not measured). A constant
+    per trace: it reads a file and asks the driver for the GPU's name."""
+    rows = _load_table(str(AUTO_TABLE)).get("gpus", {}).get(torch.cuda.get_device_name(device_index), {})
+    return ",".join(rows.get(case, []))
+
+
+@functools.lru_cache(maxsize=4)
+def _load_table(path: str) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _can_run(backend: str, q: Tensor, use_rope: bool, connectivity: Any) -> bool:
+    """``backend`` takes these inputs (metadata only: safe while torch.compile traces the block)."""
+    if backend == "sdpa":
+        return True
+    if backend == "hybrid":
+        return q.device.type == "cuda" and "qk_norm_rope" in _mvkernels_ops()
+    if backend == "mvkernels":
+        return q.device.type == "cuda" and mvkernels_available()
+    if backend == "fa4":
+        return (connectivity in ("all", "self") and (not use_rope or "qk_norm_rope" in _mvkernels_ops())
+                and _fa4().serves(q))
+    return False
+
+
+def choose_auto(q: Tensor, self_attn: bool, use_rope: bool, connectivity: Any) -> str:
+    """The backend "auto" runs for these inputs: the measured table's first runnable entry, else the defaults."""
+    if q.device.type == "cuda":
+        index = q.device.index if q.device.index is not None else torch.cuda.current_device()
+        order = _measured_order(index, auto_case(self_attn, connectivity, torch.is_grad_enabled()))
+        for name in filter(None, order.split(",")):
+            if _can_run(name, q, use_rope, connectivity):
+                return name
+        if use_rope and _hopper_sm90(q):
+            return "mvkernels"
+    return resolve_backend("auto", q.device)
 
 
 def view_connectivity_matrix(connectivity: Any, n_views: int, device: torch.device) -> Tensor | None:
@@ -200,9 +265,10 @@ class Attention(nn.Module):
         """q [B, Sq, h, Dh], k/v [B, Sk, h, Dh] before the per-head norms -> [B, Sq, h, Dh]; h may be a subset of
         the heads (context parallelism: the norm weights are shared by all heads)."""
         use_rope = self.is_selfattn and rope_angles is not None
-        backend = resolve_backend(self.backend, q.device)
-        if self.backend == "auto" and use_rope and _hopper_sm90(q):
-            backend = "mvkernels"
+        if self.backend == "auto":
+            backend = choose_auto(q, self.is_selfattn, use_rope, connectivity)
+        else:
+            backend = resolve_backend(self.backend, q.device)
         if backend == "mvkernels":
             # One op: per-head RMSNorm (+ RoPE for self-attention) fused in front of the attention kernel.
             out = _mvkernels_ops()["mv_attention"](
@@ -212,6 +278,13 @@ class Attention(nn.Module):
             q, k = _mvkernels_ops()["qk_norm_rope"](q, k, self.to_q[1].weight, self.to_k[1].weight, rope_angles,
                                                     self.to_q[1].eps)
             out = sdpa_multiview(q, k, v, n_views, connectivity)
+        elif backend == "fa4":
+            if use_rope:
+                q, k = _mvkernels_ops()["qk_norm_rope"](q, k, self.to_q[1].weight, self.to_k[1].weight, rope_angles,
+                                                        self.to_q[1].eps)
+            else:
+                q, k = self.to_q[1](q), self.to_k[1](k)
+            out = _fa4().fa4_attention(q, k, v, n_views=n_views, connectivity=connectivity)
         else:
             q, k = self.to_q[1](q), self.to_k[1](k)
             if use_rope:

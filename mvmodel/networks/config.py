@@ -117,8 +117,9 @@ class DiTConfig:
             bad(f"view_condition_dim={self.view_condition_dim} must be >= 1 with concat_view_embedding")
         if self.add_repeat_frame_embedding and not self.concat_view_embedding:
             bad("add_repeat_frame_embedding needs concat_view_embedding")
-        if self.attention_backend not in ("auto", "sdpa", "mvkernels", "hybrid"):
-            bad(f"attention_backend={self.attention_backend!r} is not one of 'auto', 'sdpa', 'mvkernels', 'hybrid'")
+        if self.attention_backend not in ("auto", "sdpa", "mvkernels", "hybrid", "fa4"):
+            bad(f"attention_backend={self.attention_backend!r} is not one of 'auto', 'sdpa', 'mvkernels', 'hybrid', "
+                "'fa4'")
         if self.camera_names is not None:
             self.camera_names = tuple(self.camera_names)
             if len(self.camera_names) != self.n_views:

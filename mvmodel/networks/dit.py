@@ -115,8 +115,11 @@ class MultiviewDiT(nn.Module):
         return self._ckpt_mode
 
     def set_attention_backend(self, backend: str) -> None:
-        if backend not in ("auto", "sdpa", "mvkernels", "hybrid"):
-            raise ValueError(f"attention_backend={backend!r} is not one of 'auto', 'sdpa', 'mvkernels', 'hybrid'")
+        from .attention import BACKENDS  # noqa: PLC0415
+
+        if backend not in BACKENDS:
+            raise ValueError(f"attention_backend={backend!r} is not one of 'auto', 'sdpa', 'mvkernels', 'hybrid', "
+                             "'fa4'")
         self.config.attention_backend = backend
         for tb in self.blocks.values():
             for b in tb.blocks:
