@@ -13,7 +13,8 @@ bf16), peak GPU memory, peak host memory, and the CPU update's own time.
 Knobs (environment): MV_BENCH_AC=block|selective|subblock|none (default: the experiment's, selective: it keeps
 the 28 self-attention outputs, +10 GiB over block, and skips their recompute), MV_BENCH_COMPILE=1|0 (default 1),
 MV_BENCH_BLOCKS=28 (fewer for a quick check), MV_BENCH_STEPS=3 timed steps after 2 warm-up steps,
-MV_BENCH_EMA=1|0 (the fp32 EMA takes 29 GB of host memory).
+MV_BENCH_EMA=1|0 (the fp32 EMA takes 29 GB of host memory), MV_BENCH_ATTN=auto|mvkernels|hybrid|fa4|sdpa (the
+model's attention backend; default the experiment's, "auto").
 """
 from __future__ import annotations
 
@@ -42,6 +43,8 @@ def test_train_step_7b_one_gpu(benchmark, tmp_path):
     overrides = [f"job.output_root={tmp_path}", "checkpoint.load_path=none", "checkpoint.resume=false",
                  f"parallel.compile={_env('MV_BENCH_COMPILE', '1')}", f"ema.enabled={_env('MV_BENCH_EMA', '1')}",
                  "optimizer.warmup_steps=0", "trainer.device=cuda"]
+    if "MV_BENCH_ATTN" in os.environ:
+        overrides.append(f"model.attention_backend={os.environ['MV_BENCH_ATTN']}")
     if "MV_BENCH_AC" in os.environ:
         overrides.append(f"parallel.activation_checkpointing={os.environ['MV_BENCH_AC']}")
     if blocks != 28:
