@@ -63,13 +63,36 @@ def test_bad_inputs_are_named(bad, match):
 
 def test_reference_per_view_equals_separate_attentions():
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, 3 * n, 2, 8, generator=g, dtype=torch.float64) for n in (5, 4, 4))
+    q, k, v = (torch.randn(1, 3 * n, 2, 16, generator=g, dtype=torch.float64) for n in (5, 4, 4))
     out = fa4.fa4_attention_reference(q, k, v, n_views=3, connectivity="self")
     for i in range(3):
         want = fa4.fa4_attention_reference(q[:, 5 * i:5 * i + 5], k[:, 4 * i:4 * i + 4], v[:, 4 * i:4 * i + 4])
         torch.testing.assert_close(out[:, 5 * i:5 * i + 5], want)
-    with pytest.raises(ValueError, match="'all' or 'self'"):
-        fa4.fa4_attention_reference(q, k, v, n_views=3, connectivity="ring1")
+    from mvkernels import mv_attention_reference
+    ring = fa4.fa4_attention_reference(q, k[:, :15], v[:, :15], n_views=3, connectivity=[[1, 1, 0], [0, 1, 0], [1, 1, 1]])
+    torch.testing.assert_close(ring, mv_attention_reference(q, k[:, :15], v[:, :15], n_views=3,
+                                                            connectivity=[[1, 1, 0], [0, 1, 0], [1, 1, 1]]))
+
+
+@pytest.mark.parametrize("V, L, conn", [(5, 300, "ring1"), (3, 100, "self"), (4, 640, [[1, 1, 0, 0], [0, 1, 0, 0],
+                                                                                      [1, 1, 1, 1], [0, 0, 0, 1]])])
+def test_block_classes_match_the_token_mask(V, L, conn):
+    """The 128 x 128 block maps FA4 gets (full / partial / skipped) agree with the token-level view mask."""
+    from mvkernels.ops.fa4_sparsity import BLOCK, block_classes
+    from mvkernels.ops.mv_attention import _expanded_mask, connectivity_matrix
+
+    flat = tuple(b for row in connectivity_matrix(conn, V) for b in row)
+    partial, full = block_classes(V, flat, V * L, V * L)
+    S, nb = V * L, -(-V * L // BLOCK)
+    mask = torch.zeros(nb * BLOCK, nb * BLOCK, dtype=torch.bool)
+    mask[:S, :S] = _expanded_mask(V, flat, S, S, "cpu")
+    valid = torch.zeros_like(mask)
+    valid[:S, :S] = True
+    blocks, vblocks = mask.view(nb, BLOCK, nb, BLOCK), valid.view(nb, BLOCK, nb, BLOCK)
+    any_ = blocks.any(3).any(1)
+    all_ = (blocks | ~vblocks).all(3).all(1)
+    assert torch.equal(full, all_) and torch.equal(partial, any_ & ~all_)
+    assert not (partial & full).any()
 
 
 def _qkv(B, Sq, Sk, H, D, strided, seed=0):
@@ -101,6 +124,27 @@ def test_gpu_fa4_matches_float64(B, Sq, Sk, H, D, n_views, conn, strided):
     ours = run(fa4.fa4_attention, (q, k, v))
     pt = run(fa4.fa4_attention_reference, (q, k, v))
     ref = run(fa4.fa4_attention_reference, [t.double() for t in leaves])
+    for name, o, p, r, factor in zip(("out", "dq", "dk", "dv"), ours, pt, ref, (2, 3, 3, 3)):
+        assert_close_rule(o, p, r, factor, name)
+
+
+@pytest.mark.gpu
+@needs_fa4
+@pytest.mark.parametrize("V, L, conn", [(5, 300, "ring1"), (5, 12 * 20, "ring1"), (4, 257, [[1, 1, 0, 0], [0, 1, 0, 0],
+                                                                                        [1, 1, 1, 1], [0, 0, 0, 1]])])
+def test_gpu_fa4_view_sparse_matches_float64(V, L, conn):
+    """Block sparsity + the CuTe view mask: odd view lengths (blocks straddling views), forward and gradients."""
+    q, k, v = _qkv(1, V * L, V * L, 2, 128, strided=True, seed=3)
+    grad = torch.randn(1, V * L, 2, 128, device="cuda", dtype=torch.bfloat16)
+
+    def run(fn, xs):
+        xs = [x.detach().clone().requires_grad_() for x in xs]
+        out = fn(*xs, n_views=V, connectivity=conn)
+        return (out, *torch.autograd.grad(out, xs, grad.to(out.dtype)))
+
+    ours = run(fa4.fa4_attention, (q, k, v))
+    pt = run(fa4.fa4_attention_reference, (q, k, v))
+    ref = run(fa4.fa4_attention_reference, [t.double() for t in (q, k, v)])
     for name, o, p, r, factor in zip(("out", "dq", "dk", "dv"), ours, pt, ref, (2, 3, 3, 3)):
         assert_close_rule(o, p, r, factor, name)
 

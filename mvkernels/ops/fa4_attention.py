@@ -7,8 +7,9 @@ checkpointing and FSDP2 see one opaque op with a fake implementation, instead of
 
 Layouts match ``mv_attention``: q ``[B, Sq, H, D]``, k / v ``[B, Sk, H, D]`` (unit last stride; other strides
 are read in place), out ``[B, Sq, H, D]``. Connectivity "all" is one dense attention; "self" (each view's queries
-see only that view's keys, e.g. the per-view text cross-attention) runs the views as a batch. Other view patterns
-are refused: ``mv_attention`` serves them by skipping unconnected blocks.
+see only that view's keys, e.g. the per-view text cross-attention) runs the views as a batch; other view patterns
+("ringK", a bool [V, V] matrix) use FA4's block sparsity with a mask rule inside the blocks that straddle views
+(``fa4_sparsity``).
 
 Install: ``pip install "mvworld[flash]"`` (or ``pip install flash-attn-4``); without a package index, install the
 wheels of flash-attn-4, nvidia-cutlass-dsl (+ its -libs-base and -libs-cu13), quack-kernels, apache-tvm-ffi and
@@ -22,6 +23,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from .mv_attention import connectivity_matrix
 
 __all__ = ["available", "install_hint", "fa4_attention", "fa4_attention_reference", "serves"]
 
@@ -69,9 +72,13 @@ def _serves_device(index: int) -> bool:
     return available() and torch.cuda.get_device_capability(index)[0] in (9, 10, 11)
 
 
-def fa4_attention_reference(q: Tensor, k: Tensor, v: Tensor, n_views: int = 1, connectivity: str = "all",
+def fa4_attention_reference(q: Tensor, k: Tensor, v: Tensor, n_views: int = 1, connectivity: Any = "all",
                             softmax_scale: float | None = None) -> Tensor:
     """Plain PyTorch (SDPA math) with the same contract as :func:`fa4_attention`."""
+    if not (isinstance(connectivity, str) and connectivity in ("all", "self")):
+        from .mv_attention import mv_attention_reference  # noqa: PLC0415
+
+        return mv_attention_reference(q, k, v, n_views=n_views, connectivity=connectivity, softmax_scale=softmax_scale)
     B, Sq, H, _ = q.shape
     qb, kb, vb = _as_batches(q, k, v, n_views, connectivity)
     out = torch.nn.functional.scaled_dot_product_attention(
@@ -84,8 +91,7 @@ def _as_batches(q: Tensor, k: Tensor, v: Tensor, n_views: int, connectivity: str
     if connectivity == "all" or n_views == 1:
         return q, k, v
     if connectivity != "self":
-        raise ValueError(f"fa4_attention: connectivity must be 'all' or 'self', got {connectivity!r} (view-sparse "
-                         "patterns run on mvkernels.mv_attention, which skips unconnected blocks)")
+        raise ValueError(f"fa4_attention: connectivity for batching must be 'all' or 'self', got {connectivity!r}")
     B, Sq, H, D = q.shape
     Sk = k.shape[1]
     if Sq % n_views or Sk % n_views:
@@ -110,51 +116,70 @@ def _validate(q: Tensor, k: Tensor, v: Tensor) -> None:
                          f"k {tuple(k.shape)}, v {tuple(v.shape)}")
 
 
+def _pattern_key(n_views: int, conn: tuple[tuple[bool, ...], ...]) -> str:
+    """A view pattern as a string op argument (custom ops take no callables): "5:11001110..." ("" = dense)."""
+    return f"{n_views}:" + "".join("1" if b else "0" for row in conn for b in row)
+
+
+def _sparse_kwargs(pattern: str, q: Tensor, k: Tensor, backward: bool) -> dict:
+    if not pattern:
+        return {}
+    from .fa4_sparsity import sparse_plan  # noqa: PLC0415
+
+    n_views, bits = pattern.split(":")
+    fwd, bwd, mask_mod, aux = sparse_plan(int(n_views), tuple(b == "1" for b in bits), q.shape[1], k.shape[1],
+                                          str(q.device))
+    return dict(mask_mod=mask_mod, aux_tensors=aux, block_sparse_tensors=bwd if backward else fwd)
+
+
 @torch.library.custom_op("mvkernels::fa4_attention", mutates_args=())
-def _fa4_fwd_op(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    out, lse, *_ = _interface()._flash_attn_fwd(q, k, v, softmax_scale=scale, return_lse=True)
+def _fa4_fwd_op(q: Tensor, k: Tensor, v: Tensor, scale: float, pattern: str) -> tuple[Tensor, Tensor]:
+    out, lse, *_ = _interface()._flash_attn_fwd(q, k, v, softmax_scale=scale, return_lse=True,
+                                                **_sparse_kwargs(pattern, q, k, backward=False))
     return out, lse
 
 
 @_fa4_fwd_op.register_fake
-def _(q, k, v, scale):
+def _(q, k, v, scale, pattern):
     B, S, H, D = q.shape
     return q.new_empty(B, S, H, v.shape[-1]), q.new_empty(B, H, S, dtype=torch.float32)
 
 
 @torch.library.custom_op("mvkernels::fa4_attention_bwd", mutates_args=())
 def _fa4_bwd_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                scale: float) -> tuple[Tensor, Tensor, Tensor]:
+                scale: float, pattern: str) -> tuple[Tensor, Tensor, Tensor]:
     dq, dk, dv = _interface()._flash_attn_bwd(q, k, v, out, do.contiguous(), lse, scale,
-                                              deterministic=torch.are_deterministic_algorithms_enabled())
+                                              deterministic=torch.are_deterministic_algorithms_enabled(),
+                                              **_sparse_kwargs(pattern, q, k, backward=True))
     return dq, dk, dv
 
 
 @_fa4_bwd_op.register_fake
-def _(do, q, k, v, out, lse, scale):
+def _(do, q, k, v, out, lse, scale, pattern):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, scale = inputs
+    q, k, v, scale, pattern = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse)
-    ctx.scale = scale
+    ctx.scale, ctx.pattern = scale, pattern
 
 
 def _backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse = ctx.saved_tensors
-    return (*_fa4_bwd_op(grad_out, q, k, v, out, lse, ctx.scale), None)
+    return (*_fa4_bwd_op(grad_out, q, k, v, out, lse, ctx.scale, ctx.pattern), None, None)
 
 
 _fa4_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def fa4_attention(q: Tensor, k: Tensor, v: Tensor, n_views: int = 1, connectivity: str = "all",
+def fa4_attention(q: Tensor, k: Tensor, v: Tensor, n_views: int = 1, connectivity: Any = "all",
                   softmax_scale: float | None = None) -> Tensor:
     """Attention through FlashAttention-4: q ``[B, Sq, H, D]``, k / v ``[B, Sk, H, D]`` -> ``[B, Sq, H, D]``.
 
-    ``connectivity`` "all" (dense) or "self" (view i's queries see view i's keys; ``n_views`` equal segments).
+    ``connectivity`` as in ``mv_attention``: "all" (dense), "self" (view i's queries see view i's keys; ``n_views``
+    equal segments), "ringK" or a bool ``[n_views, n_views]`` matrix (block-sparse).
     Raises RuntimeError with the install command when FA4 is missing or cannot run on this GPU.
     """
     _validate(q, k, v)
@@ -164,7 +189,16 @@ def fa4_attention(q: Tensor, k: Tensor, v: Tensor, n_views: int = 1, connectivit
         raise RuntimeError(f"fa4_attention: FlashAttention-4 runs bf16/fp16 CUDA tensors on sm90/sm100-class GPUs "
                            f"with head dim <= 256 (multiple of 8); got {q.dtype} {tuple(q.shape)} on {q.device}")
     B, Sq, H, D = q.shape
-    qb, kb, vb = _as_batches(q, k, v, n_views, connectivity)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(D)
-    out, _ = _fa4_fwd_op(qb, kb, vb, scale)
+    pattern = ""
+    if not (isinstance(connectivity, str) and connectivity in ("all", "self")) and n_views > 1:
+        conn = connectivity_matrix(connectivity, n_views)
+        if all(all(row) for row in conn):
+            connectivity = "all"
+        else:
+            if Sq % n_views or k.shape[1] % n_views:
+                raise ValueError(f"fa4_attention: Sq={Sq} and Sk={k.shape[1]} must be multiples of n_views={n_views}")
+            pattern, connectivity = _pattern_key(n_views, conn), "all"
+    qb, kb, vb = _as_batches(q, k, v, n_views, connectivity)
+    out, _ = _fa4_fwd_op(qb, kb, vb, scale, pattern)
     return out.reshape(B, Sq, H, out.shape[-1])

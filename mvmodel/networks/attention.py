@@ -11,7 +11,7 @@ Backends compute the same thing:
   the fused ``mvkernels.qk_norm_rope`` pass before its attention kernel);
 * ``"hybrid"``: the fused ``mvkernels.qk_norm_rope`` pass, then torch SDPA (whichever SDPA backend is enabled);
 * ``"fa4"``: the fused ``mvkernels.qk_norm_rope`` pass, then FlashAttention-4 (optional package ``flash-attn-4``;
-  dense and per-view connectivity only).
+  view-sparse patterns through its block sparsity).
 ``"auto"`` picks, per case (self/cross attention, dense/per-view/sparse connectivity, inference/training), the
 fastest backend measured on this GPU model: ``attention_table.json`` beside this file, written by
 ``benches/bench_attention_choice.py``, lists the backends of each case fastest first and "auto" takes the first one
@@ -153,8 +153,7 @@ def _can_run(backend: str, q: Tensor, use_rope: bool, connectivity: Any) -> bool
     if backend == "mvkernels":
         return q.device.type == "cuda" and mvkernels_available()
     if backend == "fa4":
-        return (connectivity in ("all", "self") and (not use_rope or "qk_norm_rope" in _mvkernels_ops())
-                and _fa4().serves(q))
+        return (not use_rope or "qk_norm_rope" in _mvkernels_ops()) and _fa4().serves(q)
     return False
 
 
