@@ -294,3 +294,25 @@ def test_batch_names_its_clips(data):
     assert batch["clip_name"] == ["clip0000", "clip0000"] and batch["start_frame"].tolist() == [0, 1]
     assert ds.clip_files("clip0000") == [layout.video_path(data, v, "clip0000") for v in VIEWS] + [
         layout.t5_path(data, "cam_front", "clip0000"), layout.prefix_path(data, "cam_left")]
+
+
+def test_trainer_config_enables_skipping(tmp_path):
+    """data.on_error reaches the dataset the trainer builds: a clip missing from the first camera is skipped
+    and reported instead of stopping the run (and stops it by default, naming the clip)."""
+    from mvmodel.configs import make_config
+    from mvmodel.demo import prepare_data
+    from mvmodel.trainer import Trainer
+
+    root, _ = prepare_data(tmp_path / "data", clips=2, frames=12, size=(64, 96))
+    layout.video_path(root, layout.WAYMO_VIEW_KEYS[0], "clip0001").unlink()
+    over = [f"data.dataset_dir={root}", f"job.output_root={tmp_path / 'out'}", "trainer.device=cpu"]
+    cfg = make_config("mvmodel/configs/multiview.py", "text2world_multiview_tiny_example", over)
+    with pytest.raises(FileNotFoundError, match=r"clip clip0001 is missing from camera\(s\) \['pinhole_front_left'\]"):
+        Trainer(cfg, progress=False)
+    cfg = make_config("mvmodel/configs/multiview.py", "text2world_multiview_tiny_example", over + ["data.on_error=skip"])
+    trainer = Trainer(cfg, progress=False)
+    try:
+        assert trainer.dataset.on_error == "skip" and list(trainer.dataset.skipped_clips) == ["clip0001"]
+        assert trainer.dataset.clips == ["clip0000"]
+    finally:
+        trainer.close()
