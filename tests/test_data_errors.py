@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -231,17 +233,17 @@ def _atoms(data: bytes) -> dict[bytes, tuple[int, int]]:
     return out
 
 
-def test_mp4_cut_inside_trailing_moov_is_named(data):
-    """Every cut inside the trailing metadata either fails naming the file or leaves every frame readable
-    (a cut in trailing user data). One such cut used to raise AttributeError with no file name."""
-    p = layout.video_path(data, "cam_left", "clip0001")
-    whole = p.read_bytes()
+def _sweep_moov_cuts(src, work, stride=3):
+    """Cut ``src`` at every ``stride``-th byte of its trailing moov atom: each cut must fail naming the file, or (a cut in
+    trailing user data) decode every frame identical to the whole file. Returns the failure kinds seen."""
+    whole = src.read_bytes()
     moov, size = _atoms(whole)[b"moov"]
-    assert moov + size == len(whole), "writer is expected to put the moov atom last"
-    ref = PyAVDecoder().decode([p], range(12))[0]
-    cut_file = data / "cut.mp4"
+    assert moov + size == len(whole), "expected the moov atom last (as FFmpeg writes mp4 by default)"
+    n = probe(src).num_frames
+    ref = PyAVDecoder().decode([src], range(n))[0]
+    cut_file = work / "cut.mp4"
     messages = set()
-    for cut in range(moov, len(whole), 3):
+    for cut in range(moov, len(whole), stride):
         cut_file.write_bytes(whole[:cut])
         try:
             frames = PyAVDecoder().decode([cut_file], range(probe(cut_file).num_frames))[0]
@@ -250,11 +252,29 @@ def test_mp4_cut_inside_trailing_moov_is_named(data):
             messages.add(str(e).split(": ", 1)[1].split(" (")[0].split(";")[0])
             continue
         assert torch.equal(frames, ref), cut  # readable means intact
+    return messages
+
+
+def test_mp4_cut_inside_trailing_moov_is_named(data):
+    """One such cut used to raise AttributeError with no file name, which also defeated on_error="skip"."""
+    p = layout.video_path(data, "cam_left", "clip0001")
+    messages = _sweep_moov_cuts(p, data)
     assert "video stream without codec parameters" in messages, messages  # the former AttributeError case
+    whole = p.read_bytes()
+    moov, size = _atoms(whole)[b"moov"]
     p.write_bytes(whole[:moov + size // 3])
     with pytest.raises(ValueError, match=str(p)):
         make(data)
     _skip_keeps_other_clip(data)
+
+
+def test_real_footage_cut_inside_moov_is_named(tmp_path):
+    real = Path(os.environ.get("MVWORLD_REAL_MULTIVIEW_DIR") or
+                Path(__file__).resolve().parents[2] / "shared/data/real-multiview-6cam")
+    src = real / "videos" / "camera_front" / "clip0000.mp4"
+    if not src.is_file():
+        pytest.skip(f"real footage not found at {src} (set MVWORLD_REAL_MULTIVIEW_DIR)")
+    assert "video stream without codec parameters" in _sweep_moov_cuts(src, tmp_path, stride=7)
 
 
 def test_clip_missing_from_first_camera_is_reported(data, caplog):
