@@ -1,12 +1,18 @@
 """Every bad input of the data pipeline raises an error naming the file, or is skipped and counted."""
 from __future__ import annotations
 
+import logging
+import os
+import pickle
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from mvmodel.data import MultiviewDataset, layout
+from mvmodel.data import MultiviewDataset, build_dataloader, layout
+from mvmodel.data.decoders import PyAVDecoder, probe
 from mvmodel.data.synthetic import generate_dataset, write_video
 from mvmodel.data.t5_embeddings import encode_dataset
 
@@ -51,6 +57,8 @@ def _skip_keeps_other_clip(root, **kw):
     ds = make(root, on_error="skip", **kw)
     assert ds.clips == ["clip0000"] and ds.stats["skipped_clips"] == 1 and "clip0001" in ds.skipped_clips
     assert len(ds) == 7 and ds[0]["clip_name"] == "clip0000"
+    assert "clip0001" in ds.skip_summary() and "1 clip(s) skipped while indexing" in ds.skip_summary()
+    return ds
 
 
 def test_missing_view_file(data):
@@ -83,12 +91,47 @@ def test_missing_or_bad_prefix_pickle_is_fatal(data):
         make(data)
 
 
-def test_corrupt_clip_pickle_at_load(data):
+def test_corrupt_clip_pickle_found_at_index_and_at_load(data):
     p = layout.t5_path(data, "cam_front", "clip0001")
-    p.write_bytes(p.read_bytes()[:40])  # truncated pickle
+    good = p.read_bytes()
+    p.write_bytes(good[:40])  # truncated pickle: found while indexing, before training reaches it
+    with pytest.raises(ValueError, match=rf"{p}: not a readable T5 embedding pickle"):
+        make(data)
+    _skip_keeps_other_clip(data)
+    p.write_bytes(good)
     ds = make(data)
+    p.write_bytes(good[:40])  # damaged after indexing: the load names it
     with pytest.raises(ValueError, match=str(p)):
         ds[10]
+
+
+@pytest.mark.parametrize("bad, expect", [
+    (np.zeros((9, 512), np.float16), r"expected a float array \[L>=1, 1024\], got float16 \(9, 512\)"),
+    (np.zeros((9, 1024), np.int64), r"expected a float array \[L>=1, 1024\], got int64"),
+    (np.zeros((0, 1024), np.float16), r"expected a float array .*got float16 \(0, 1024\)"),
+    ([np.zeros((9, 1024), np.float16)] * 2, "expected a list holding one"),
+    ("a caption", "expected a float array .* got str"),
+    (np.where(np.arange(9)[:, None] == 4, np.nan, np.ones((9, 1024))).astype(np.float16),
+     r"1024 non-finite values \(first: nan at token 4, channel 0\); expected a finite T5 embedding"),
+    (np.where(np.arange(1024) == 7, np.inf, np.ones((9, 1024))).astype(np.float32),
+     r"9 non-finite values \(first: inf at token 0, channel 7\)"),
+])
+def test_malformed_t5_pickle_named_at_index(data, bad, expect):
+    p = layout.t5_path(data, "cam_front", "clip0001")
+    with open(p, "wb") as f:  # real pickles, written as another tool might have
+        pickle.dump(bad if isinstance(bad, list) else [bad], f)
+    with pytest.raises(ValueError, match=rf"{p}: {expect}"):
+        make(data)
+    assert str(p) in _skip_keeps_other_clip(data).skipped_clips["clip0001"]  # the reason names the file
+
+
+def test_nan_prefix_pickle_named(data):
+    p = layout.prefix_path(data, "cam_left")
+    e = np.ones((5, 1024), np.float16)
+    e[2, 3] = np.nan
+    layout.write_embedding(p, e)
+    with pytest.raises(ValueError, match=rf"{p}: 1 non-finite values \(first: nan at token 2, channel 3\)"):
+        make(data, on_error="skip")  # the prefix concerns every clip: fatal
 
 
 def test_corrupt_mp4(data):
@@ -156,7 +199,12 @@ def test_failure_while_loading_is_skipped_then_bounded(data):
     layout.video_path(data, "cam_left", "clip0000").unlink()  # vanishes after indexing
     s = ds[0]
     assert s["clip_name"] == "clip0001" and ds.stats["skipped_samples"] == 1
-    assert ds[3]["clip_name"] == "clip0001" and ds.stats["skipped_samples"] == 1  # bad clip remembered
+    assert s["skipped"] == [{"index": 0, "clip": "clip0000", "counted": True,
+                             "error": f"{layout.video_path(data, 'cam_left', 'clip0000')}: video file missing"}]
+    s = ds[3]  # every replaced sample counts once (the count used to stop at the first of a clip)
+    assert s["clip_name"] == "clip0001" and ds.stats["skipped_samples"] == 2 and s["skipped"][0]["index"] == 3
+    assert ds[9]["skipped"] == [] and ds.stats["skipped_samples"] == 2
+    assert "2 sample(s) replaced while loading:\n  clip0000 (2 sample(s)): " in ds.skip_summary()
     layout.video_path(data, "cam_left", "clip0001").unlink()
     with pytest.raises(RuntimeError, match=r"after 1 failed tries.*cam_left/clip0001.mp4: video file missing"):
         ds[8]  # every window is bad now: a bounded number of tries, then a clear error
@@ -171,3 +219,120 @@ def test_bad_arguments(data):
         MultiviewDataset(data, 4, ["cam_front", "cam_back"], (16, 24), decoder="pyav")
     with pytest.raises(ValueError, match="decoder='nvdec'"):
         make(data, decoder="nvdec")[0]
+
+
+def _atoms(data: bytes) -> dict[bytes, tuple[int, int]]:
+    """Top-level mp4 boxes: {type: (offset, size)}."""
+    out, i = {}, 0
+    while i + 8 <= len(data):
+        size = int.from_bytes(data[i:i + 4], "big")
+        out[data[i + 4:i + 8]] = (i, size)
+        if size < 8:
+            break
+        i += size
+    return out
+
+
+def _sweep_moov_cuts(src, work, stride=3):
+    """Cut ``src`` at every ``stride``-th byte of its trailing moov atom: each cut must fail naming the file, or (a cut in
+    trailing user data) decode every frame identical to the whole file. Returns the failure kinds seen."""
+    whole = src.read_bytes()
+    moov, size = _atoms(whole)[b"moov"]
+    assert moov + size == len(whole), "expected the moov atom last (as FFmpeg writes mp4 by default)"
+    n = probe(src).num_frames
+    ref = PyAVDecoder().decode([src], range(n))[0]
+    cut_file = work / "cut.mp4"
+    messages = set()
+    for cut in range(moov, len(whole), stride):
+        cut_file.write_bytes(whole[:cut])
+        try:
+            frames = PyAVDecoder().decode([cut_file], range(probe(cut_file).num_frames))[0]
+        except ValueError as e:
+            assert str(e).startswith(f"{cut_file}: "), e
+            messages.add(str(e).split(": ", 1)[1].split(" (")[0].split(";")[0])
+            continue
+        assert torch.equal(frames, ref), cut  # readable means intact
+    return messages
+
+
+def test_mp4_cut_inside_trailing_moov_is_named(data):
+    """One such cut used to raise AttributeError with no file name, which also defeated on_error="skip"."""
+    p = layout.video_path(data, "cam_left", "clip0001")
+    messages = _sweep_moov_cuts(p, data)
+    assert "video stream without codec parameters" in messages, messages  # the former AttributeError case
+    whole = p.read_bytes()
+    moov, size = _atoms(whole)[b"moov"]
+    p.write_bytes(whole[:moov + size // 3])
+    with pytest.raises(ValueError, match=str(p)):
+        make(data)
+    _skip_keeps_other_clip(data)
+
+
+def test_real_footage_cut_inside_moov_is_named(tmp_path):
+    real = Path(os.environ.get("MVWORLD_REAL_MULTIVIEW_DIR") or
+                Path(__file__).resolve().parents[2] / "shared/data/real-multiview-6cam")
+    src = real / "videos" / "camera_front" / "clip0000.mp4"
+    if not src.is_file():
+        pytest.skip(f"real footage not found at {src} (set MVWORLD_REAL_MULTIVIEW_DIR)")
+    assert "video stream without codec parameters" in _sweep_moov_cuts(src, tmp_path, stride=7)
+
+
+def test_clip_missing_from_first_camera_is_reported(data, caplog):
+    p = layout.video_path(data, "cam_front", "clip0001")
+    p.unlink()  # used to be dropped silently: clips were listed from the first camera only
+    with pytest.raises(FileNotFoundError, match=rf"clip clip0001 is missing from camera\(s\) \['cam_front'\] "
+                                                rf"\(expected {p}\); present in \['cam_left'\]"):
+        make(data)
+    with caplog.at_level(logging.WARNING, logger="mvmodel.data"):
+        _skip_keeps_other_clip(data)
+    assert "skipping clip clip0001: clip clip0001 is missing from camera(s) ['cam_front']" in caplog.text
+    # a clip only the second camera has, beside complete ones
+    for v in VIEWS:
+        shutil.copy(layout.video_path(data, "cam_left", "clip0000"), layout.video_path(data, v, "clip0001"))
+    shutil.copy(layout.video_path(data, "cam_left", "clip0000"), layout.video_path(data, "cam_left", "clip0002"))
+    with pytest.raises(FileNotFoundError, match=r"clip clip0002 is missing from camera\(s\) \['cam_front'\]"):
+        make(data)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_skips_counted_once_with_any_number_of_workers(data, workers):
+    """Samples replaced inside DataLoader worker processes are counted in this process, each exactly once."""
+    ds = make(data, on_error="skip")
+    layout.video_path(data, "cam_left", "clip0000").unlink()  # all 7 windows of clip0000 now fail to load
+    loader = build_dataloader(ds, batch_size=3, shuffle=False, drop_last=False, num_workers=workers)
+    clips = [c for batch in loader for c in batch["clip_name"]]
+    assert clips == ["clip0001"] * 14  # each failed window replaced by a window of the good clip
+    assert ds.stats["skipped_samples"] == 7 and ds.load_failures["clip0000"][0] == 7
+    summary = ds.skip_summary()
+    assert "7 sample(s) replaced while loading:" in summary
+    assert f"clip0000 (7 sample(s)): {layout.video_path(data, 'cam_left', 'clip0000')}: video file missing" in summary
+
+
+def test_batch_names_its_clips(data):
+    ds = make(data)
+    batch = next(iter(build_dataloader(ds, batch_size=2, shuffle=False, num_workers=0)))
+    assert batch["clip_name"] == ["clip0000", "clip0000"] and batch["start_frame"].tolist() == [0, 1]
+    assert ds.clip_files("clip0000") == [layout.video_path(data, v, "clip0000") for v in VIEWS] + [
+        layout.t5_path(data, "cam_front", "clip0000"), layout.prefix_path(data, "cam_left")]
+
+
+def test_trainer_config_enables_skipping(tmp_path):
+    """data.on_error reaches the dataset the trainer builds: a clip missing from the first camera is skipped
+    and reported instead of stopping the run (and stops it by default, naming the clip)."""
+    from mvmodel.configs import make_config
+    from mvmodel.demo import prepare_data
+    from mvmodel.trainer import Trainer
+
+    root, _ = prepare_data(tmp_path / "data", clips=2, frames=12, size=(64, 96))
+    layout.video_path(root, layout.WAYMO_VIEW_KEYS[0], "clip0001").unlink()
+    over = [f"data.dataset_dir={root}", f"job.output_root={tmp_path / 'out'}", "trainer.device=cpu"]
+    cfg = make_config("mvmodel/configs/multiview.py", "text2world_multiview_tiny_example", over)
+    with pytest.raises(FileNotFoundError, match=r"clip clip0001 is missing from camera\(s\) \['pinhole_front_left'\]"):
+        Trainer(cfg, progress=False)
+    cfg = make_config("mvmodel/configs/multiview.py", "text2world_multiview_tiny_example", over + ["data.on_error=skip"])
+    trainer = Trainer(cfg, progress=False)
+    try:
+        assert trainer.dataset.on_error == "skip" and list(trainer.dataset.skipped_clips) == ["clip0001"]
+        assert trainer.dataset.clips == ["clip0000"]
+    finally:
+        trainer.close()

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import warnings
 
 import pytest
 import torch
@@ -94,13 +93,16 @@ def _args(*argv):
     return build_parser().parse_args(list(argv))
 
 
-def test_prompt_sets_from_cli_and_jsonl(tmp_path):
+def test_prompt_sets_from_cli_and_jsonl(tmp_path, caplog):
     slots = ("left", "front", "right", "back_left", "back_right")
     (name, seed, ps), = prompt_sets(_args("--prompt", "F", "--prompt_right", "R", "--seed", "3"), slots)
     assert (name, seed, ps["front"], ps["right"]) == ("output", 3, "F", "R") and set(ps) == set(slots)
     assert ps["left"].endswith("facing to the left. ")
-    with pytest.warns(UserWarning, match="--prompt_back given"):
-        prompt_sets(_args("--prompt", "F", "--prompt_back", "B"), slots)
+    (_, _, ps), = prompt_sets(_args("--prompt", "F", "--prompt_back", "B"), slots)  # kept: ignored, said plainly
+    assert "B" not in ps.values() and set(ps) == set(slots)
+    assert ("--prompt_back is not used: this model has 5 cameras (left, front, right, back_left, back_right) and "
+            "none of them is 'back', so no back view is generated") in caplog.text
+    caplog.clear()
     with pytest.raises(ValueError, match="--prompt .* is required"):
         prompt_sets(_args(), slots)
     f = tmp_path / "b.jsonl"
@@ -111,10 +113,8 @@ def test_prompt_sets_from_cli_and_jsonl(tmp_path):
     with pytest.raises(ValueError, match=r"b.jsonl:1: unknown keys \['promt_left'\]"):
         prompt_sets(_args("--batch_input_path", str(f)), slots)
     f.write_text('{"prompt": "a"}\n{"prompt": "b", "seed": 9}\n')
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        sets = prompt_sets(_args("--batch_input_path", str(f), "--seed", "4"), slots)
-    assert [(n, s) for n, s, _ in sets] == [("0", 4), ("1", 9)]
+    sets = prompt_sets(_args("--batch_input_path", str(f), "--seed", "4"), slots)
+    assert [(n, s) for n, s, _ in sets] == [("0", 4), ("1", 9)] and not caplog.text
 
 
 def test_cli_argument_errors(tiny_ckpt, tmp_path):

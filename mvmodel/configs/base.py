@@ -58,6 +58,8 @@ class DataConfig:
     num_workers: int = 8
     decoder: str = "auto"
     shuffle: bool = True
+    on_error: str = "raise"
+    """``raise``: a bad data file stops the run naming it; ``skip``: bad clips/samples are skipped, counted, reported."""
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Multi-view dataset over upstream's folder layout (see :mod:`mvmodel.data.layout`).
 
-Samples. For every clip (the ``*.mp4`` basenames of the first view's folder) every start frame
+Samples. For every clip (the ``*.mp4`` basenames found in any view's folder) every start frame
 ``s in range(0, n_frames, start_frame_interval)`` whose window ``s, s+si, ..., s+(num_frames-1)*si``
 (``si = sequence_interval``) fits in the clip is one sample, ordered by (clip, start) as upstream. Every view of
 a sample is decoded at those same indices; views of a clip must agree in frame count and fps.
@@ -16,7 +16,10 @@ Returned dict (V = number of views, T = num_frames, (h, w) = video_size)::
     padding_mask        float32 [1, h, w]      zeros
     view_indices        int64 [V*T]            each frame's view index (view_index_map, else position)
     frame_repeat        float32 [V]            zeros unless ``frame_repeat`` is given
-    clip_name, start_frame, frame_indices      which clip, first frame, int64 [T] frame indices decoded
+    clip_name, start_frame, frame_indices      which clip (collated as a list of str; its files:
+                                               ``clip_files(clip)``), first frame, int64 [T] frame indices decoded
+    skipped             list[dict]             only with on_error="skip": the sample this one replaced, if any
+                                               ({"index", "clip", "error", "counted"}); see Errors
     captions            list[str] (V)          only with return_captions=True (metas/<view>/<clip>.txt)
 
 Caption policy (which T5 embedding each view gets; ``prefix`` = ``cache/prefix_t5_embeddings_<view>.pickle``,
@@ -30,12 +33,16 @@ Caption policy (which T5 embedding each view gets; ``prefix`` = ``cache/prefix_t
 * ``"per_view"``: every view gets its own clip caption only (captions that already name the camera).
 * ``"prefix"``: every view gets only its camera prefix (no clip text at all).
 
-Errors. A missing view file or pickle, an unreadable/corrupt/truncated mp4, a clip shorter than one window,
-views of one clip with different frame counts or fps, or an unreadable caption raise an error naming the file
-(``on_error="raise"``). With ``on_error="skip"``, a bad clip found while indexing is dropped, and a sample that
-fails while loading is replaced by the next good sample (another window, never a mix of views); skips are
-logged and counted in :attr:`MultiviewDataset.stats`, and at most ``max_skip`` replacements are tried before
-raising, so a wholly broken dataset fails instead of retrying forever.
+Errors. A clip missing from some cameras (clips are listed from every view folder), a missing view file or
+pickle, an unreadable/corrupt/truncated mp4, a clip shorter than one window, views of one clip with different
+frame counts or fps, a malformed T5 pickle (structure, shape, dtype, NaN/inf: every pickle is read once while
+indexing) or an unreadable caption raise an error naming the file and what was expected (``on_error="raise"``).
+With ``on_error="skip"``, a bad clip found while indexing is dropped and recorded in ``skipped_clips`` (clip ->
+why). A sample that fails while loading is replaced by the next good sample (another window, never a mix of
+views), at most ``max_skip`` failed tries, then RuntimeError, so a wholly broken dataset fails instead of
+retrying forever. The replaced sample is counted exactly once wherever it was loaded: the replacement carries a
+``skipped`` record, and :class:`mvmodel.data.MultiviewLoader` counts records made in DataLoader worker processes
+(those made in this process are counted at once). :attr:`stats` and :meth:`skip_summary` report the totals.
 """
 from __future__ import annotations
 
@@ -125,9 +132,10 @@ class MultiviewDataset(torch.utils.data.Dataset):
         self.on_error, self.max_skip, self.seed = on_error, int(max_skip), int(seed)
         self.text_dim, self.embedding_dtype = int(text_dim), embedding_dtype
         self._decoder_spec, self._decoder_kwargs, self._decoder = decoder, dict(decoder_kwargs or {}), None
-        self.skipped_clips: dict[str, str] = {}
-        self.skipped_samples = 0
-        self._bad_clips: set[str] = set()
+        self.skipped_clips: dict[str, str] = {}  # clip -> why, dropped while indexing
+        self.skipped_samples = 0  # samples replaced while loading, counted by record_skip
+        self.load_failures: dict[str, list] = {}  # clip -> [samples replaced, first error], by record_skip
+        self._bad_clips: dict[str, str] = {}  # clips that failed to load in this process (worker) -> error
         for v in self.view_keys:
             if not (self.root / "videos" / v).is_dir():
                 raise FileNotFoundError(f"{self.root / 'videos' / v}: view folder missing (view key {v!r})")
@@ -151,6 +159,12 @@ class MultiviewDataset(torch.utils.data.Dataset):
 
     def _check_clip(self, clip: str) -> tuple[float, int]:
         """Validate one clip's files; returns (fps, frame count) or raises naming the offending file."""
+        missing = [v for v in self.view_keys if not layout.video_path(self.root, v, clip).is_file()]
+        if missing:  # the clip was listed from another camera's folder
+            present = [v for v in self.view_keys if v not in missing]
+            raise FileNotFoundError(
+                f"clip {clip} is missing from camera(s) {missing} (expected "
+                f"{layout.video_path(self.root, missing[0], clip)}); present in {present}")
         infos = [probe(layout.video_path(self.root, v, clip)) for v in self.view_keys]
         ref = infos[0]
         for info in infos[1:]:
@@ -171,14 +185,19 @@ class MultiviewDataset(torch.utils.data.Dataset):
                 if not p.is_file():
                     raise FileNotFoundError(f"{p}: T5 embedding pickle missing (run python -m "
                                             f"mvmodel.data.t5_embeddings --dataset_path {self.root})")
+                # read once here (small: <= 1 MB) so that a malformed or non-finite pickle is found before
+                # training reaches it; read_embedding checks structure, shape, dtype and finiteness
+                layout.read_embedding(p, self.text_dim)
             if self.return_captions:
                 layout.read_caption(layout.meta_path(self.root, v, clip))
         return ref.fps, ref.num_frames
 
     def _build_index(self, threads: int):
-        clips = layout.list_clips(self.root, self.view_keys[0])
+        # listed from every camera folder, so a clip missing from some cameras (even the first) is reported
+        # by _check_clip, never silently dropped
+        clips = sorted(set().union(*(layout.list_clips(self.root, v) for v in self.view_keys)))
         if not clips:
-            raise ValueError(f"{self.root / 'videos' / self.view_keys[0]}: no .mp4 clips found")
+            raise ValueError(f"{self.root / 'videos'}: no .mp4 clips found in the camera folders {self.view_keys}")
 
         def check(clip):
             try:
@@ -303,20 +322,66 @@ class MultiviewDataset(torch.utils.data.Dataset):
             raise IndexError(f"sample index {index} out of range [0, {len(self.samples)})")
         if self.on_error == "raise":
             return self.load(index)
-        last, tries = None, 0
-        for k in range(len(self.samples)):  # finite: at most one pass over the samples
+        try:
+            out = self.load(index)
+            out["skipped"] = []
+            return out
+        except _SAMPLE_ERRORS as e:
+            record = self._failed(index, e)
+        out = self._replacement(index)
+        # The record travels with the sample, so that the loader can count skips made in worker processes;
+        # here (no worker) it is counted at once and marked so.
+        record["counted"] = torch.utils.data.get_worker_info() is None
+        if record["counted"]:
+            self.record_skip(record)
+        out["skipped"] = [record]
+        return out
+
+    def _failed(self, index: int, err: Exception) -> dict:
+        """Remember (in this process) that sample ``index``'s clip failed to load; returns its skip record."""
+        clip = self.clips[self.samples[index][0]]
+        self._bad_clips.setdefault(clip, str(err))
+        log.warning("skipping sample %d (clip %s): %s", index, clip, err)
+        return {"index": int(index), "clip": clip, "error": str(err)}
+
+    def _replacement(self, index: int) -> dict:
+        """The next loadable sample after ``index`` (another window; never a mix of clips), bounded by max_skip.
+
+        Clips that failed in this process are passed over without a try: their files are bad."""
+        tries, last = 1, self._bad_clips.get(self.clips[self.samples[index][0]])
+        for k in range(1, len(self.samples)):  # finite: at most one pass over the samples
             j = (index + k) % len(self.samples)
-            clip = self.clips[self.samples[j][0]]
-            if clip in self._bad_clips:
-                continue  # known bad: skipping it costs nothing and no try
+            if self.clips[self.samples[j][0]] in self._bad_clips:
+                continue
             try:
                 return self.load(j)
             except _SAMPLE_ERRORS as e:
-                last, tries = e, tries + 1
-                self.skipped_samples += 1
-                self._bad_clips.add(clip)  # the clip's files are bad; do not try its other windows
-                log.warning("skipping sample %d (clip %s): %s", j, clip, e)
+                self._failed(j, e)
+                last, tries = str(e), tries + 1
                 if tries > self.max_skip:
                     break
         raise RuntimeError(f"{self.root}: no loadable sample from index {index} on after {tries} failed tries "
                            f"(max_skip={self.max_skip}); last error: {last}")
+
+    def record_skip(self, record: dict) -> None:
+        """Count one replaced sample (called in the process that owns the counts: see MultiviewLoader)."""
+        self.skipped_samples += 1
+        self.load_failures.setdefault(record["clip"], [0, record["error"]])[0] += 1
+
+    def skip_summary(self) -> str:
+        """Every skip so far: clips dropped while indexing and samples replaced while loading, with the reasons."""
+        lines = []
+        if self.skipped_clips:
+            lines.append(f"{len(self.skipped_clips)} clip(s) skipped while indexing:")
+            lines += [f"  {clip}: {why}" for clip, why in self.skipped_clips.items()]
+        if self.load_failures:
+            lines.append(f"{self.skipped_samples} sample(s) replaced while loading:")
+            lines += [f"  {clip} ({n} sample(s)): {why}" for clip, (n, why) in self.load_failures.items()]
+        return "\n".join(lines) if lines else "nothing skipped"
+
+    def clip_files(self, clip: str) -> list[Path]:
+        """The files a sample of ``clip`` reads (videos, then T5 pickles), to name them when a step goes wrong."""
+        files = [layout.video_path(self.root, v, clip) for v in self.view_keys]
+        files += [layout.t5_path(self.root, v, clip) for v in self.view_keys if self._needs(v)[1]]
+        files += [layout.prefix_path(self.root, v) for v in self.view_keys if self._needs(v)[0]]
+        return files

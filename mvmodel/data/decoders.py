@@ -54,6 +54,31 @@ class VideoInfo:
     codec: str
 
 
+class _NotAVideo(ValueError):
+    """Raised by our own checks inside a PyAV block, so the block's broad handler passes it through unchanged."""
+
+
+def _unreadable(path: str, e: Exception) -> ValueError:
+    """The error for any exception out of a block that only calls PyAV on ``path``. PyAV raises FFmpegError for
+    most damage, but damaged metadata also surfaces as other exceptions (an mp4 cut inside its trailing moov atom
+    used to reach us as AttributeError), so every exception there means the file is unreadable."""
+    if isinstance(e, _NotAVideo):
+        return e
+    return ValueError(f"{path}: unreadable video container ({type(e).__name__}: {e}); expected an mp4 with a "
+                      f"decodable video stream (is the file truncated or corrupt?)")
+
+
+def _video_stream(c, path: str):
+    """The first video stream of an open container, or _NotAVideo naming the file."""
+    if not c.streams.video:
+        raise _NotAVideo(f"{path}: no video stream; expected an mp4 holding one (is the file truncated?)")
+    s = c.streams.video[0]
+    if s.codec_context is None:  # seen with an mp4 cut inside its trailing moov atom
+        raise _NotAVideo(f"{path}: video stream without codec parameters; the container metadata is incomplete "
+                         f"(file truncated?)")
+    return s
+
+
 def _frame_pts(path: str) -> tuple[int, ...]:
     """Presentation timestamps of every frame of ``path`` in index order (cached per file version)."""
     st = Path(path).stat()
@@ -70,12 +95,10 @@ def _frame_pts_cached(path: str, mtime_ns: int, size: int) -> tuple[int, ...]:
     av = _import_av()
     try:
         with av.open(path) as c:
-            if not c.streams.video:
-                raise ValueError(f"{path}: no video stream")
-            s = c.streams.video[0]
+            s = _video_stream(c, path)
             pts = [p.pts for p in c.demux(s) if p.pts is not None and p.size > 0]
-    except av.error.FFmpegError as e:
-        raise ValueError(f"{path}: unreadable video container ({e})") from None
+    except Exception as e:  # noqa: BLE001 - PyAV calls only; see _unreadable
+        raise _unreadable(path, e) from None
     if not pts:
         raise ValueError(f"{path}: video stream holds no frames")
     return tuple(sorted(pts))
@@ -89,14 +112,12 @@ def probe(path: str | Path) -> VideoInfo:
         raise FileNotFoundError(f"{path}: video file missing")
     try:
         with av.open(path) as c:
-            if not c.streams.video:
-                raise ValueError(f"{path}: no video stream")
-            s = c.streams.video[0]
+            s = _video_stream(c, path)
             rate = s.average_rate or s.guessed_rate or s.base_rate
             fps = float(Fraction(rate)) if rate else 0.0
             w, h, codec = s.codec_context.width, s.codec_context.height, s.codec_context.name
-    except av.error.FFmpegError as e:
-        raise ValueError(f"{path}: unreadable video container ({e})") from None
+    except Exception as e:  # noqa: BLE001 - PyAV calls only; see _unreadable
+        raise _unreadable(path, e) from None
     if fps <= 0 or w <= 0 or h <= 0:
         raise ValueError(f"{path}: video stream without a frame rate or size (fps={fps}, {w}x{h})")
     return VideoInfo(path, len(_frame_pts(path)), fps, w, h, codec)
@@ -145,7 +166,7 @@ class PyAVDecoder(VideoDecoder):
         got: dict[int, np.ndarray] = {}
         try:
             with av.open(path) as c:
-                s = c.streams.video[0]
+                s = _video_stream(c, path)
                 if self.threads != 1:
                     s.thread_type = "AUTO"
                 s.codec_context.thread_count = self.threads
@@ -162,8 +183,11 @@ class PyAVDecoder(VideoDecoder):
                         got[i] = frame.reformat(format="rgb24").to_ndarray()
                     if i >= last:
                         break
-        except av.error.FFmpegError as e:
-            raise ValueError(f"{path}: decoding failed ({e}); the file is corrupt or truncated") from None
+        except Exception as e:  # noqa: BLE001 - PyAV calls only; see _unreadable
+            if isinstance(e, _NotAVideo):
+                raise
+            raise ValueError(f"{path}: decoding failed ({type(e).__name__}: {e}); the file is corrupt or "
+                             f"truncated") from None
         missing = [i for i in sorted(wanted) if i not in got]
         if missing:
             raise ValueError(

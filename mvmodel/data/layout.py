@@ -132,7 +132,7 @@ def read_embedding(path: str | Path, dim: int = T5_DIM) -> np.ndarray:
     """Read a T5 pickle and return ``[L, dim]`` float16/float32 (as stored).
 
     Accepts the writer's ``[array(L, D)]``, a bare ``array(L, D)`` and the toolkit's ``array(1, L, D)``.
-    Anything else raises ``ValueError`` naming the file and the shape found.
+    Anything else, or any NaN/inf value, raises ``ValueError`` naming the file and what was found.
     """
     path = Path(path)
     try:
@@ -155,4 +155,9 @@ def read_embedding(path: str | Path, dim: int = T5_DIM) -> np.ndarray:
     if obj.ndim != 2 or obj.shape[1] != dim or obj.shape[0] == 0 or not np.issubdtype(obj.dtype, np.floating):
         raise ValueError(f"{path}: expected a float array [L>=1, {dim}], "
                          f"got {obj.dtype} {tuple(obj.shape)}")
+    bad = ~np.isfinite(obj)
+    if bad.any():  # a NaN here would only show up as non-finite training steps that never name the file
+        tok, ch = (int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(f"{path}: {int(bad.sum())} non-finite values (first: {obj[tok, ch]} at token {tok}, "
+                         f"channel {ch}); expected a finite T5 embedding")
     return obj

@@ -14,6 +14,7 @@
 """
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import threading
@@ -22,6 +23,8 @@ import torch
 from torch.utils.data import DataLoader, Sampler, default_collate
 
 from .dataset import MultiviewDataset
+
+log = logging.getLogger("mvmodel.data")
 
 
 class ResumableDistributedSampler(Sampler[int]):
@@ -60,11 +63,15 @@ class ResumableDistributedSampler(Sampler[int]):
 
 
 def collate(samples: list[dict]) -> dict:
-    """``default_collate`` (tensors stacked on their device), except per-view caption lists stay lists."""
+    """``default_collate`` (tensors stacked on their device), except per-view caption lists stay lists and the
+    samples' skip records (on_error="skip") are joined into one list."""
     captions = [s.pop("captions") for s in samples] if "captions" in samples[0] else None
+    skipped = [r for s in samples for r in s.pop("skipped")] if "skipped" in samples[0] else None
     out = default_collate(samples)
     if captions is not None:
         out["captions"] = captions
+    if skipped is not None:
+        out["skipped"] = skipped
     return out
 
 
@@ -120,9 +127,16 @@ class MultiviewLoader:
             batches = self._thread_batches(list(self.sampler))
         else:
             batches = iter(self._dataloader())
+        before = self.dataset.skipped_samples
         for batch in batches:
             self.consumed += len(batch["clip_name"])
+            for record in batch.pop("skipped", ()):
+                if not record["counted"]:  # made in a worker process, whose own counts are lost
+                    self.dataset.record_skip(record)
             yield batch
+        if self.dataset.skipped_samples > before:
+            log.warning("epoch %d: %d sample(s) replaced by others so far.\n%s", self.epoch,
+                        self.dataset.skipped_samples, self.dataset.skip_summary())
         self.epoch, self.consumed = self.epoch + 1, 0
 
     def _dataloader(self) -> DataLoader:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import gc
 import logging
 import math
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
@@ -33,6 +34,40 @@ from .model_dir import ModelSpec
 log = logging.getLogger("mvmodel.inference")
 SIGMA_DATA = 0.5
 T5_LENGTH = 512
+
+
+class NonFiniteError(ValueError):
+    """Weights or a sample hold NaN/inf: generating would only write a black or noise video."""
+
+
+def resolve_device(name: str | torch.device | None) -> torch.device:
+    """``--device``: default cuda when available, else cpu; cuda without a visible GPU is a clear error."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {name!r}: not a device; expected cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: only cpu and cuda are supported")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: no CUDA GPU is visible to PyTorch (torch.cuda.is_available() is "
+                             f"False); use --device cpu or run on a GPU machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) visible")
+    return dev
+
+
+def check_finite_weights(net: torch.nn.Module, where: str) -> None:
+    """Refuse a net with NaN/inf anywhere (a diverged run's or damaged checkpoint): one tensor at a time, on the
+    net's device, so the check costs a fraction of a second even for the 7B on a GPU."""
+    for name, t in net.state_dict().items():
+        if t.is_floating_point():
+            bad = int((~torch.isfinite(t)).sum())
+            if bad:
+                raise NonFiniteError(f"{where}: weight {name} {tuple(t.shape)} holds {bad} non-finite values "
+                                     f"(NaN/inf); refusing to generate from a diverged or damaged checkpoint")
 
 
 def free_accelerator_memory() -> None:
@@ -84,6 +119,7 @@ def build_network(spec: ModelSpec, device: torch.device, dtype: torch.dtype,
         raise ValueError(f"{spec.weights} does not fit the net described by {spec.source} "
                          f"({cfg.n_views} views):\n{exc}") from exc
     log.info("loaded %s: %s", spec.weights, str(report).splitlines()[0])
+    check_finite_weights(net, str(spec.weights))
     return net.eval().requires_grad_(False)
 
 
@@ -145,7 +181,7 @@ class MultiviewGenerationPipeline:
                  attention_backend: str = "auto", t5_dtype: torch.dtype = torch.float32,
                  batch_cfg: bool = True, offload: bool = True, progress: bool = True, compile: bool = False) -> None:
         self.spec = spec
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = resolve_device(device)
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.t5_dir, self.tokenizer_dir, self.t5_dtype = t5_dir, tokenizer_dir, t5_dtype
         self.attention_backend, self.batch_cfg = attention_backend, batch_cfg
@@ -206,6 +242,7 @@ class MultiviewGenerationPipeline:
         sigma_data, the diffusion model's data space). ``callback(step, x)`` after every step."""
         V = self.spec.n_views
         check_video_size(num_video_frames, height, width)
+        check_sampling_options(num_steps, guidance, fps)
         net = self.network()
         shape = (1, 16, V * (1 + (num_video_frames - 1) // 8), height // 8, width // 8)
         gen = torch.Generator().manual_seed(int(seed))
@@ -221,6 +258,10 @@ class MultiviewGenerationPipeline:
             steps = tqdm(steps, desc=f"sampling {V} views", unit="step")
         for i in steps:
             x = euler_step_cfg(net, x, sigmas[i], sigmas[i + 1], cond, uncond, guidance, self.batch_cfg)
+            if not bool(torch.isfinite(x).all()):  # one sync per step: negligible next to a forward
+                raise NonFiniteError(f"sampling produced NaN/inf at step {i + 1}/{num_steps} (sigma {sigmas[i]:.4g}, "
+                                     f"guidance {guidance:g}, dtype {net_dtype(net)}); nothing is saved. Check the "
+                                     f"weights {self.spec.weights} and the options")
             if callback is not None:
                 callback(i, x)
         return x.float().cpu()
@@ -252,6 +293,11 @@ class MultiviewGenerationPipeline:
                 raise ValueError(f"prompt set {i}: no prompt for view slot(s) {missing} of the "
                                  f"{len(slots)}-view model (slots {list(slots)})")
         check_video_size(num_video_frames, height, width)
+        check_sampling_options(num_steps, guidance, fps)
+        if self.t5_dir is None or not (Path(self.t5_dir) / "config.json").is_file():  # before the DiT loads
+            raise FileNotFoundError(f"{self.t5_dir}: no T5 checkpoint (config.json missing); pass --t5_dir")
+        # The DiT first: bad weights are refused before minutes of T5 loading (encode_prompts offloads it again).
+        self.network()
         emb = self.encode_prompts([ps[s] for ps in prompt_sets for s in slots])
         fr = [frame_repeat_negative_condition if s in ("back_left", "back_right") else 0.0 for s in slots]
         latents = []
@@ -266,6 +312,17 @@ class MultiviewGenerationPipeline:
     def summary(self) -> dict[str, Any]:
         return {"weights": str(self.spec.weights), "config": self.spec.source, "n_views": self.spec.n_views,
                 "slots": list(self.spec.slots), "device": str(self.device), "dtype": str(self.dtype)}
+
+
+def check_sampling_options(num_steps: int, guidance: float, fps: float | None) -> None:
+    """Options that would silently give a NaN (all-black) or meaningless video are refused before any work
+    (``fps`` None: not known yet)."""
+    if not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"--num_steps {num_steps}: must be an integer >= 1")
+    if not math.isfinite(guidance):
+        raise ValueError(f"--guidance {guidance}: must be a finite number (0 = no guidance; upstream uses 7)")
+    if fps is not None and not (math.isfinite(fps) and fps > 0):
+        raise ValueError(f"--fps {fps}: must be a finite number > 0 (the output frame rate and RoPE time scale)")
 
 
 def check_video_size(num_video_frames: int, height: int, width: int) -> None:

@@ -19,14 +19,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
+import os
 import sys
+import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import torch
 
 from .model_dir import RELEASED_NAME, SLOT_ARGS, INFERENCE_DEFAULTS, resolve_model
+from .video_io import check_save_name
 
 _LEAD = "The video is captured from a camera mounted on a car. The camera is facing "
 DEFAULT_PROMPTS = {"left": _LEAD + "to the left. ", "right": _LEAD + "to the right.", "back": _LEAD + "backwards.",
@@ -87,19 +90,19 @@ def prompt_sets(args, slots: tuple[str, ...]) -> list[tuple[str, int, dict[str, 
     """[(save name, seed, {slot: prompt})] from the command line or the JSONL file."""
     given = {s: getattr(args, arg) for s, arg in SLOT_ARGS.items()}
     base = {s: given[s] if given[s] is not None else DEFAULT_PROMPTS.get(s) for s in SLOT_ARGS}
-    unused = [f"--{SLOT_ARGS[s]}" for s in SLOT_ARGS if s not in slots and given[s] is not None]
-    if unused:
-        warnings.warn(f"{', '.join(unused)} given but the {len(slots)}-view model has no such camera "
-                      f"(its views: {list(slots)}); ignored", stacklevel=2)
+    for s in SLOT_ARGS:
+        if s not in slots and given[s] is not None:  # kept as upstream (ignored), but said plainly
+            log.warning("--%s is not used: this model has %d cameras (%s) and none of them is %r, so no %s view "
+                        "is generated", SLOT_ARGS[s], len(slots), ", ".join(slots), s, s.replace("_", "-"))
     if args.batch_input_path is None:
         if not (args.prompt or "").strip():
             raise ValueError("--prompt (the front camera's prompt) is required unless --batch_input_path is given")
-        return [(args.video_save_name, args.seed, {s: base[s] for s in slots})]
+        return [(check_save_name(args.video_save_name, "--video_save_name"), args.seed, {s: base[s] for s in slots})]
     path = Path(args.batch_input_path)
     if not path.is_file():
         raise FileNotFoundError(f"--batch_input_path {path} does not exist")
     keys = set(SLOT_ARGS.values()) | {"seed", "video_save_name"}
-    out = []
+    out, line_of = [], {}
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
@@ -115,23 +118,52 @@ def prompt_sets(args, slots: tuple[str, ...]) -> list[tuple[str, int, dict[str, 
             raise ValueError(f"{path}:{n}: no \"prompt\" (the front camera's prompt)")
         i = len(out)
         ps = {s: str(item.get(SLOT_ARGS[s]) or base[s] or "") for s in slots}
-        out.append((str(item.get("video_save_name", i)), int(item.get("seed", args.seed + i)), ps))
+        seed = item.get("seed", args.seed + i)
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise ValueError(f"{path}:{n}: \"seed\" must be an integer, got {seed!r}")
+        name = check_save_name(str(item.get("video_save_name", i)), f"{path}:{n}: video_save_name")
+        if name in line_of:  # the later video would overwrite the earlier one
+            raise ValueError(f"{path}:{n}: video_save_name {name!r} is already used on line {line_of[name]}")
+        line_of[name] = n
+        out.append((name, seed, ps))
     if not out:
         raise ValueError(f"--batch_input_path {path} holds no prompt sets")
     return out
 
 
+def check_numbers(args) -> None:
+    """Numeric options that would otherwise yield a NaN (black) video or a broken file, refused up front."""
+    from .pipeline import check_sampling_options
+
+    check_sampling_options(args.num_steps, args.guidance, args.fps)  # fps None: the model's, checked later
+    if not math.isfinite(args.frame_repeat_negative_condition):
+        raise ValueError(f"--frame_repeat_negative_condition {args.frame_repeat_negative_condition}: must be finite")
+
+
+def prepare_output_folder(folder: str | Path) -> Path:
+    """Create --video_save_folder and prove it writable (a real file, not os.access, which root always passes)
+    before any model is loaded, so that a long generation never ends in an unwritable folder."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".mvworld_write_test_")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ValueError(f"--video_save_folder {folder}: cannot write there ({e.strerror or e})") from None
+    return folder
+
+
 def run(argv: list[str] | None = None) -> list[dict[str, Path]]:
-    """Parse, generate and save; returns the written paths per video. Raises ValueError / FileNotFoundError."""
-    from .pipeline import MultiviewGenerationPipeline, check_video_size
+    """Parse, generate and save; returns the written paths per video. Raises ValueError / OSError (user errors)."""
+    from .pipeline import MultiviewGenerationPipeline, check_video_size, resolve_device
     from .video_io import save_outputs
 
     args = build_parser().parse_args(argv)
     if args.num_gpus != 1:
         raise ValueError(f"--num_gpus {args.num_gpus}: this CLI runs on one GPU (the 7B 6-view model fits 80 GB)")
-    for name in ("num_steps",):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    check_numbers(args)
+    device = resolve_device(args.device)
     ckpt = Path(args.checkpoint_dir)
     if not ckpt.is_dir():
         raise FileNotFoundError(f"--checkpoint_dir {ckpt} does not exist")
@@ -143,6 +175,8 @@ def run(argv: list[str] | None = None) -> list[dict[str, Path]]:
     opt = {k: getattr(args, k) if getattr(args, k) is not None else spec.defaults.get(k, v)
            for k, v in INFERENCE_DEFAULTS.items()}
     check_video_size(int(opt["num_video_frames"]), int(opt["height"]), int(opt["width"]))
+    if not (math.isfinite(float(opt["fps"])) and float(opt["fps"]) > 0):  # the model folder's default
+        raise ValueError(f"fps {opt['fps']} from {spec.source}: must be a finite number > 0 (pass --fps)")
     t5_dir = args.t5_dir or str(ckpt / T5_NAME)
     tok_dir = args.tokenizer_dir or spec.tokenizer_dir or str(ckpt / TOKENIZER_NAME)
     if tok_dir != "builtin" and not Path(tok_dir).is_dir():
@@ -150,8 +184,9 @@ def run(argv: list[str] | None = None) -> list[dict[str, Path]]:
                                 f"built-in tokenizer)")
     if args.negative_prompt:
         log.warning("--negative_prompt is ignored: the multi-view model's unconditional branch is zero text")
+    out_dir = prepare_output_folder(args.video_save_folder)
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    pipe = MultiviewGenerationPipeline(spec, t5_dir=t5_dir, tokenizer_dir=tok_dir, device=args.device, dtype=dtype,
+    pipe = MultiviewGenerationPipeline(spec, t5_dir=t5_dir, tokenizer_dir=tok_dir, device=device, dtype=dtype,
                                        attention_backend=args.attention_backend, t5_dtype=getattr(torch, args.t5_dtype),
                                        batch_cfg=not args.sequential_cfg, offload=not args.no_offload,
                                        progress=not args.no_progress, compile=args.compile)
@@ -165,7 +200,7 @@ def run(argv: list[str] | None = None) -> list[dict[str, Path]]:
                            frame_repeat_negative_condition=args.frame_repeat_negative_condition)
     written = []
     for (name, _, ps), video in zip(sets, videos):
-        paths = save_outputs(args.video_save_folder, name, video, spec.slots, ps, float(opt["fps"]))
+        paths = save_outputs(out_dir, name, video, spec.slots, ps, float(opt["fps"]))
         log.info("saved %s, %s, %s", *paths.values())
         written.append(paths)
     log.info("done in %.1f s", time.time() - t0)
@@ -176,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s", datefmt="%H:%M:%S")
     try:
         run(argv)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, OSError) as exc:  # user and environment errors: one line, no traceback; bugs still trace
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
 

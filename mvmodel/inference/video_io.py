@@ -11,6 +11,7 @@ Videos are H.264 (yuv420p) written with PyAV at ``fps``: crf 15 for the per-view
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -54,9 +55,19 @@ def write_mp4(path: str | Path, frames: np.ndarray, fps: float, crf: int) -> Non
     write_video(path, frames, fps, crf=crf)
 
 
+def check_save_name(name: str, what: str) -> str:
+    """A video name is a plain file name: outputs never land outside --video_save_folder."""
+    if (not name.strip() or name in (".", "..") or "/" in name or "\\" in name or "\0" in name
+            or os.path.isabs(name)):
+        raise ValueError(f"{what} {name!r}: must be a plain file name (no '/', '\\', '..' or absolute path); "
+                         f"outputs are written inside --video_save_folder")
+    return name
+
+
 def save_outputs(folder: str | Path, name: str, videos: torch.Tensor | np.ndarray, slots: Sequence[str],
                  prompts: dict[str, str], fps: float) -> dict[str, Path]:
     """Write ``{name}.mp4``, ``{name}_grid.mp4`` and ``{name}.txt``; videos uint8 [V, T, H, W, 3] in net order."""
+    check_save_name(name, "video name")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     ordered, order_slots = in_prompt_order(videos, slots)

@@ -189,7 +189,7 @@ class Trainer:
         d, t = self.cfg.data, self.cfg.trainer
         ds = MultiviewDataset(d.dataset_dir, num_frames=d.num_frames, view_keys=d.view_keys, video_size=tuple(d.video_size),
                               sequence_interval=d.sequence_interval, start_frame_interval=d.start_frame_interval,
-                              decoder=d.decoder, caption_policy=d.caption_policy)
+                              decoder=d.decoder, caption_policy=d.caption_policy, on_error=d.on_error)
         loader = build_dataloader(ds, batch_size=d.batch_size, rank=self.dp_rank, world_size=self.dp_size,
                                   seed=t.seed, shuffle=d.shuffle, num_workers=d.num_workers,
                                   device=self.info.device if self.info.device.type == "cuda" else None)
