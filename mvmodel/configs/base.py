@@ -97,6 +97,11 @@ class OptimizerConfig:
     gradients only. The CPU update of step k overlaps the forward of step k+1 (one GPU)."""
     offload_threads: int = 0
     """CPU threads for the offloaded update (0: all cores)."""
+    offload_plan: str = "auto"
+    """With ``cpu_offload``: where each bucket's fp32 master weights, Adam moments and EMA live
+    (``mvmodel.trainer.memory_plan``). "auto": as much on the GPU as fits beside the activation peak, the rest in
+    host memory (chosen at start; all on the host when there is no GPU); "host": all in host memory; "device": all
+    on the GPU; "device:K": the first K buckets on the GPU."""
 
 
 @dataclass
@@ -151,6 +156,13 @@ class TrainerConfig:
     tf32: bool = True
     max_steps_per_run: int = 0
     """Stop after this many steps of this process (0: run to max_iter); a later run resumes."""
+    gpu_memory_cap_gib: float = 0.0
+    """Use at most this much GPU memory (the allocator is capped; 0: no cap), e.g. 76 to run an 80 GB card's plan
+    on a bigger GPU. The offloaded optimizer's memory plan budgets within it."""
+    gpu_memory_margin_gib: float = 6.0
+    """GPU memory the memory plan leaves unused (fragmentation, library workspaces)."""
+    activation_gib: float = 0.0
+    """Activation peak the memory plan budgets for (0: estimated from the recipe; set a measured figure)."""
 
 
 @dataclass
@@ -198,6 +210,13 @@ class Config:
             bad("parallel.fsdp_unit", f"{p.fsdp_unit!r} is not 'block' or 'subblock'")
         if p.context_parallel_size < 1:
             bad("parallel.context_parallel_size", f"{p.context_parallel_size} must be >= 1")
+        plan = o.offload_plan
+        if plan not in ("auto", "host", "device") and not (plan.startswith("device:") and plan[7:].isdigit()):
+            bad("optimizer.offload_plan", f"{plan!r} is not 'auto', 'host', 'device' or 'device:K' (the first K "
+                                          "buckets on the GPU)")
+        if t.gpu_memory_cap_gib < 0 or t.gpu_memory_margin_gib < 0 or t.activation_gib < 0:
+            bad("trainer", f"gpu_memory_cap_gib={t.gpu_memory_cap_gib}, gpu_memory_margin_gib="
+                           f"{t.gpu_memory_margin_gib} and activation_gib={t.activation_gib} must be >= 0")
         if t.max_iter < 1 or t.logging_iter < 1:
             bad("trainer", f"max_iter={t.max_iter} and logging_iter={t.logging_iter} must be >= 1")
         return self

@@ -29,6 +29,7 @@ from ..networks import MultiviewDiT, load_cosmos_checkpoint, preset
 from ..tokenizer import load_tokenizer
 from . import checkpoint as ckpt
 from .ema import PowerEMA
+from .memory_plan import cap_gpu_memory, plan_for_config
 from .monitor import Monitor, host_rss_gib
 from .parallelize import DTYPES, DistInfo, TrainableDiffusion, apply_parallelism, init_distributed
 
@@ -99,6 +100,7 @@ class Trainer:
             raise ValueError(f"parallel.context_parallel_size={self.cp_size} must divide the number of processes "
                              f"({self.info.world_size})")
         self.dp_rank, self.dp_size = self.info.rank // self.cp_size, self.info.world_size // self.cp_size
+        cap_gpu_memory(dev, cfg.trainer.gpu_memory_cap_gib)  # before anything is allocated on the GPU
         torch.manual_seed(cfg.trainer.seed)  # model init: same weights on every rank (upstream: seed 0)
         self.model = self._build_model(load_pretrained=resume_from is None)
         self.model = apply_parallelism(self.model, cfg.parallel, compute_dtype=self.compute_dtype, info=self.info,
@@ -167,9 +169,13 @@ class Trainer:
             from .offload import OffloadedAdamW
 
             ema_rate = self.cfg.ema.rate if self.cfg.ema.enabled else None
+            net_cfg = self.model.net.config
             opt = OffloadedAdamW(list(self.model.named_parameters()), lr=o.lr, betas=o.betas, eps=o.eps,
-                                 weight_decay=o.weight_decay, ema_rate=ema_rate, threads=o.offload_threads)
+                                 weight_decay=o.weight_decay, ema_rate=ema_rate, threads=o.offload_threads,
+                                 plan=lambda numels: plan_for_config(self.cfg, numels, self.info.device, net_cfg))
             opt.install_prefetch_hooks(self.model)
+            if self.info.is_main:  # where each part lives and why, in the start log
+                print(f"[mvmodel.train] {opt.plan.describe()}", flush=True)
             return opt
         # Upstream: one group, weight decay on every parameter (§8.2).
         fused = self.info.device.type == "cuda"  # one kernel per step on GPU (works on FSDP2 DTensors)
