@@ -31,7 +31,7 @@ from . import checkpoint as ckpt
 from .ema import PowerEMA
 from .memory_plan import cap_gpu_memory, plan_for_config
 from .monitor import Monitor, host_rss_gib
-from .parallelize import DTYPES, DistInfo, TrainableDiffusion, apply_parallelism, init_distributed
+from .parallelize import DTYPES, DistInfo, TrainableDiffusion, apply_parallelism, init_distributed, resolve_gpu_kind
 
 
 def warmup_multiplier(iteration: int, warmup_steps: int, start: float) -> float:
@@ -103,6 +103,7 @@ class Trainer:
         cap_gpu_memory(dev, cfg.trainer.gpu_memory_cap_gib)  # before anything is allocated on the GPU
         torch.manual_seed(cfg.trainer.seed)  # model init: same weights on every rank (upstream: seed 0)
         self.model = self._build_model(load_pretrained=resume_from is None)
+        self._parallel_note = resolve_gpu_kind(cfg.parallel, dev, cfg.trainer.gpu_memory_cap_gib, cfg.overrides)
         self.model = apply_parallelism(self.model, cfg.parallel, compute_dtype=self.compute_dtype, info=self.info,
                                        use_fsdp=self.use_fsdp)
         self.params = [p for _, p in self.model.named_parameters()]
@@ -130,7 +131,7 @@ class Trainer:
         self.monitor.write(f"[mvmodel.train] {cfg.experiment or cfg.job.name}: {self.info.world_size} process(es) on "
                            f"{dev.type} ({self.info.backend}), {sum(p.numel() for p in self.params) / 1e6:.2f}M "
                            f"parameters, {self.tokens_per_sample} tokens/sample, {len(self.dataset)} samples; {where}; "
-                           f"job folder {self.job_dir}")
+                           f"job folder {self.job_dir}; {self._parallel_note}")
 
     # ------------------------------------------------------------------------------------------ building
     def _build_model(self, load_pretrained: bool) -> TrainableDiffusion:
