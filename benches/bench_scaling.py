@@ -24,12 +24,21 @@ sample: samples per step = GPUs / cp.
     python benches/bench_scaling.py --summarize $OUT
 
 Variants: ``--ac selective`` (keeps the self-attention outputs), ``--compile 1``, ``--fsdp-unit subblock``,
-``--blocks 4`` for a quick check. Targets (issue 8): >= 90% weak-scaling efficiency 1 -> 8 GPUs, >= 45% MFU.
+``--blocks 4`` for a quick check, and any config key with ``--set section.key=value`` (repeatable; e.g.
+``--set parallel.reshard_after_forward=false``, ``--set trainer.gpu_memory_cap_gib=76``). Without explicit
+knobs the experiment's per-GPU-kind choices apply (``parallel.per_gpu_kind``); explicit ones win.
+Targets (issue 8): >= 90% weak-scaling efficiency 1 -> 8 GPUs, >= 45% MFU.
+
+Regression tracking: every row carries ``gpu_kind`` (the GPU's name, plus ``x<N>`` for N GPUs, e.g.
+``NVIDIA_H200x2``) and ``scaling_key``; ``python benches/compare.py scaling.jsonl [--update]`` checks the step
+times against (or stores them in) ``benches/baselines/<gpu_kind>.json``, the 1-GPU rows in the single-GPU file.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import resource
 import shutil
 import statistics
 import sys
@@ -50,6 +59,9 @@ def run(args: argparse.Namespace) -> None:
     from mvmodel.trainer import Trainer, step_generator
     from mvmodel.trainer.monitor import memory_gib, peak_flops
 
+    def gpu_name() -> str:  # as benches/conftest.py: the baseline file's name
+        return torch.cuda.get_device_name().replace(" ", "_")
+
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
         raise SystemExit("bench_scaling needs CUDA GPUs (launch it with torchrun on the GPU machine; "
@@ -67,6 +79,7 @@ def run(args: argparse.Namespace) -> None:
         overrides.append(f"parallel.fsdp_unit={args.fsdp_unit}")
     if args.blocks != 28 and "7b" in args.experiment:
         overrides.append(f'model.net_overrides={{"num_blocks": {args.blocks}}}')
+    overrides += args.set
     cfg = make_config("mvmodel/configs/multiview.py", args.experiment, overrides)
     t0 = time.perf_counter()
     trainer = Trainer(cfg, progress=False, with_data=False)
@@ -107,7 +120,19 @@ def run(args: argparse.Namespace) -> None:
         world, dp = info.world_size, trainer.dp_size
         flops = 3 * trainer.model.net.forward_flops(tokens) * dp  # model FLOPs of the samples in flight
         peak = peak_flops(dev) or float("nan")
+        p = cfg.parallel  # as resolved at start (per-GPU-kind choices applied)
+        choices = (f"ac={p.activation_checkpointing},compile={int(p.compile)},raf={p.reshard_after_forward},"
+                   f"prefetch={p.forward_prefetch}/{p.backward_prefetch}"
+                   + (f",plan={trainer.optimizer.plan.why.split(':')[0]}" if trainer.offload else "")
+                   + "".join(f",{o}" for o in args.set) + (f",blocks={args.blocks}" if args.blocks != 28 else ""))
+        gpu_kind = gpu_name() if cuda else "cpu"
+        if world > 1 and cuda:
+            gpu_kind += f"x{world}"
         row = dict(gpu=torch.cuda.get_device_name(dev) if cuda else "cpu", gpus=world, cp=args.cp, dp=dp,
+                   gpu_kind=gpu_kind, scaling_key=f"scaling::{args.experiment}::cp={args.cp}::{choices}",
+                   parallel=dataclasses.asdict(p),
+                   memory_plan=trainer.optimizer.plan.describe() if trainer.offload else None,
+                   host_peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
                    experiment=args.experiment,
                    ac=cfg.parallel.activation_checkpointing, compile=cfg.parallel.compile, blocks=args.blocks,
                    tokens_per_sample=tokens, s_per_step=s, step_times=times,
@@ -129,11 +154,13 @@ def summarize(path: str) -> None:
         raise SystemExit(f"{path}: no runs recorded")
     base = [r for r in rows if r["gpus"] == 1]
     ref = base[0]["tokens_per_s_per_gpu"] if base else None
-    print(f"{'GPUs':>4} {'cp':>3} {'s/step':>8} {'tok/s/GPU':>10} {'MFU':>6} {'GiB/GPU':>8} {'weak eff.':>9}  recipe")
+    print(f"{'GPUs':>4} {'cp':>3} {'s/step':>8} {'tok/s/GPU':>10} {'MFU':>6} {'GiB/GPU':>8} {'host GiB':>8} "
+          f"{'weak eff.':>9}  recipe")
     for r in sorted(rows, key=lambda r: (r["gpus"], r["cp"])):
         eff = f"{100 * r['tokens_per_s_per_gpu'] / ref:8.1f}%" if ref else "      n/a"
         print(f"{r['gpus']:>4} {r['cp']:>3} {r['s_per_step']:>8.2f} {r['tokens_per_s_per_gpu']:>10.0f} "
-              f"{100 * r['mfu']:>5.1f}% {r['peak_mem_gib_per_gpu']:>8.1f} {eff}  {r['experiment']}, AC={r['ac']}")
+              f"{100 * r['mfu']:>5.1f}% {r['peak_mem_gib_per_gpu']:>8.1f} {r.get('host_peak_rss_gib', float('nan')):>8.1f} "
+              f"{eff}  {r.get('scaling_key', r['experiment'] + ', AC=' + r['ac'])}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -150,6 +177,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="extra config override (repeatable), e.g. parallel.reshard_after_forward=false")
     args = p.parse_args(argv)
     if args.summarize:
         summarize(args.summarize)

@@ -14,7 +14,11 @@ Knobs (environment): MV_BENCH_AC=block|selective|subblock|none (default: the exp
 the 28 self-attention outputs, +10 GiB over block, and skips their recompute), MV_BENCH_COMPILE=1|0 (default 1),
 MV_BENCH_BLOCKS=28 (fewer for a quick check), MV_BENCH_STEPS=3 timed steps after 2 warm-up steps,
 MV_BENCH_EMA=1|0 (the fp32 EMA takes 29 GB of host memory), MV_BENCH_ATTN=auto|mvkernels|hybrid|fa4|sdpa (the
-model's attention backend; default the experiment's, "auto").
+model's attention backend; default the experiment's, "auto"), MV_BENCH_PLAN=auto|host|device|device:K (where the
+master weights, moments and EMA live: ``optimizer.offload_plan``, default auto = as much on the GPU as fits),
+MV_BENCH_CAP=76 (cap usable GPU memory in GiB: an 80 GB card's plan on a bigger GPU; the figure's name then gets
+``_cap76``), MV_BENCH_ACT_GIB (the activation peak the plan budgets for; default: the recipe estimate),
+MV_BENCH_SET="section.key=value ..." (any further overrides, space-separated; not tracked).
 """
 from __future__ import annotations
 
@@ -42,7 +46,11 @@ def test_train_step_7b_one_gpu(benchmark, tmp_path):
     blocks = int(_env("MV_BENCH_BLOCKS", "28"))
     overrides = [f"job.output_root={tmp_path}", "checkpoint.load_path=none", "checkpoint.resume=false",
                  f"parallel.compile={_env('MV_BENCH_COMPILE', '1')}", f"ema.enabled={_env('MV_BENCH_EMA', '1')}",
-                 "optimizer.warmup_steps=0", "trainer.device=cuda"]
+                 "optimizer.warmup_steps=0", "trainer.device=cuda",
+                 f"optimizer.offload_plan={_env('MV_BENCH_PLAN', 'auto')}",
+                 f"trainer.gpu_memory_cap_gib={_env('MV_BENCH_CAP', '0')}",
+                 f"trainer.activation_gib={_env('MV_BENCH_ACT_GIB', '0')}"]
+    overrides += os.environ.get("MV_BENCH_SET", "").split()
     if "MV_BENCH_ATTN" in os.environ:
         overrides.append(f"model.attention_backend={os.environ['MV_BENCH_ATTN']}")
     if "MV_BENCH_AC" in os.environ:
@@ -112,7 +120,12 @@ def test_train_step_7b_one_gpu(benchmark, tmp_path):
         gpu_reserved = torch.cuda.max_memory_reserved(dev) / 2**30
         host_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         n_params = sum(p.numel() for p in trainer.params)
-        record(benchmark, "train_step_7b_1gpu", s_per_step * 1e3, tracked=blocks == 28, mfu=mfu, tflops=flops / s_per_step / 1e12,
+        cap = float(_env("MV_BENCH_CAP", "0"))
+        name = "train_step_7b_1gpu" + (f"_cap{cap:g}" if cap else "")
+        if _env("MV_BENCH_PLAN", "auto") != "auto":
+            name += "_plan_" + _env("MV_BENCH_PLAN", "auto").replace(":", "")
+        record(benchmark, name, s_per_step * 1e3, tracked=blocks == 28 and not os.environ.get("MV_BENCH_SET"), mfu=mfu,
+               memory_plan=trainer.optimizer.plan.describe(), tflops=flops / s_per_step / 1e12,
                gpu_peak_gib=gpu_peak, gpu_reserved_gib=gpu_reserved, host_peak_gib=host_peak,
                host_now_gib=host_rss_gib(), cpu_update_s=update_s, fwd_bwd_s=fwd_bwd_s, tail_s=tail_s,
                params=n_params, blocks=blocks, tokens=tokens, build_s=build_s,
@@ -125,6 +138,7 @@ def test_train_step_7b_one_gpu(benchmark, tmp_path):
               f"  fwd+bwd alone {fwd_bwd_s:.2f} s, CPU AdamW+EMA alone {update_s:.2f} s\n"
               f"  peak GPU memory {gpu_peak:.1f} GiB allocated / {gpu_reserved:.1f} GiB reserved; "
               f"peak host RSS {host_peak:.1f} GiB; build {build_s:.0f} s\n"
+              f"  {trainer.optimizer.plan.describe()}\n"
               f"  losses {[round(m['loss'], 4) for m in warm + metrics]}")
         assert all(m["loss"] == m["loss"] for m in metrics)
     finally:

@@ -99,6 +99,11 @@ class OptimizerConfig:
     gradients only. The CPU update of step k overlaps the forward of step k+1 (one GPU)."""
     offload_threads: int = 0
     """CPU threads for the offloaded update (0: all cores)."""
+    offload_plan: str = "auto"
+    """With ``cpu_offload``: where each bucket's fp32 master weights, Adam moments and EMA live
+    (``mvmodel.trainer.memory_plan``). "auto": as much on the GPU as fits beside the activation peak, the rest in
+    host memory (chosen at start; all on the host when there is no GPU); "host": all in host memory; "device": all
+    on the GPU; "device:K": the first K buckets on the GPU."""
 
 
 @dataclass
@@ -136,7 +141,23 @@ class ParallelConfig:
     compile: bool = False
     fsdp_unit: str = "block"
     """"block" (28 units for the 7B) or "subblock" (84 units, upstream's wrap policy)."""
-    reshard_after_forward: bool = True
+    reshard_after_forward: bool | int = True
+    """FSDP2: free the all-gathered weights after forward (True; backward gathers them again), keep them (False:
+    +2 bytes/parameter per GPU, one all-gather per unit and step less), or an int k: reshard to groups of k ranks
+    (a factor of the world size; gathers inside k ranks in backward)."""
+    forward_prefetch: int = 0
+    """FSDP2: units whose all-gather each unit issues explicitly ahead in forward
+    (``set_modules_to_forward_prefetch``); 0: FSDP2's implicit one-unit prefetch."""
+    backward_prefetch: int = 0
+    """FSDP2: same in backward (``set_modules_to_backward_prefetch``); 0: FSDP2's implicit prefetch."""
+    compile_collectives: str = "outside"
+    """With ``compile`` and context parallelism: "outside" runs the all-to-alls/all-gathers eagerly between compiled
+    pieces (graph breaks); "inside" lets dynamo trace them into the compiled blocks. FSDP's collectives are always
+    outside (its hooks wrap the compiled forward)."""
+    per_gpu_kind: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Choices per GPU memory class, applied at start: ``{"130": {"activation_checkpointing": "selective", ...}}``;
+    the entry with the largest key (GiB) not above the GPU's memory (or ``trainer.gpu_memory_cap_gib``) overrides
+    the fields it names, except those given on the command line. Empty, or on a CPU: the fields as they are."""
     context_parallel_size: int = 1
     """Ranks sharing one sample (context parallelism, ``mvmodel.trainer.context_parallel``): each holds 1/cp of
     every view's tokens; the joint self-attention exchanges heads with all-to-all (Ulysses) when num_heads divides
@@ -153,6 +174,14 @@ class TrainerConfig:
     tf32: bool = True
     max_steps_per_run: int = 0
     """Stop after this many steps of this process (0: run to max_iter); a later run resumes."""
+    gpu_memory_cap_gib: float = 0.0
+    """Use at most this much GPU memory (the allocator is capped; 0: no cap), e.g. 76 to run an 80 GB card's plan
+    on a bigger GPU. The offloaded optimizer's memory plan budgets within it."""
+    gpu_memory_margin_gib: float = 10.0
+    """GPU memory the memory plan leaves unused (allocator fragmentation: reserved exceeded allocated by 6.5 GiB in
+    the measured 1-GPU step; library workspaces)."""
+    activation_gib: float = 0.0
+    """Activation peak the memory plan budgets for (0: estimated from the recipe; set a measured figure)."""
 
 
 @dataclass
@@ -166,6 +195,8 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     experiment: str = ""
+    overrides: list[str] = field(default_factory=list)
+    """Dotted keys set by ``apply_overrides`` (command line); they win over per-GPU-kind choices."""
 
     def validate(self) -> "Config":
         def bad(key: str, msg: str) -> None:
@@ -198,8 +229,31 @@ class Config:
             bad("parallel.activation_checkpointing", f"{p.activation_checkpointing!r} is not one of {AC_MODES}")
         if p.fsdp_unit not in ("block", "subblock"):
             bad("parallel.fsdp_unit", f"{p.fsdp_unit!r} is not 'block' or 'subblock'")
+        if isinstance(p.reshard_after_forward, int) and not isinstance(p.reshard_after_forward, bool) \
+                and p.reshard_after_forward < 1:
+            bad("parallel.reshard_after_forward", f"{p.reshard_after_forward}: expected true, false or a group size >= 1")
+        if p.forward_prefetch < 0 or p.backward_prefetch < 0:
+            bad("parallel.forward_prefetch/backward_prefetch", f"{p.forward_prefetch}/{p.backward_prefetch} must be >= 0")
+        if p.compile_collectives not in ("outside", "inside"):
+            bad("parallel.compile_collectives", f"{p.compile_collectives!r} is not 'outside' or 'inside'")
+        fields = {f.name for f in dataclasses.fields(ParallelConfig)} - {"per_gpu_kind"}
+        for kind, choice in p.per_gpu_kind.items():
+            try:
+                float(kind)
+            except ValueError:
+                bad("parallel.per_gpu_kind", f"key {kind!r} must be a GPU memory size in GiB, e.g. \"130\"")
+            if not isinstance(choice, dict) or set(choice) - fields:
+                bad("parallel.per_gpu_kind", f"entry {kind!r} must map ParallelConfig fields ({sorted(fields)}) to "
+                                             f"values, got {choice!r}")
         if p.context_parallel_size < 1:
             bad("parallel.context_parallel_size", f"{p.context_parallel_size} must be >= 1")
+        plan = o.offload_plan
+        if plan not in ("auto", "host", "device") and not (plan.startswith("device:") and plan[7:].isdigit()):
+            bad("optimizer.offload_plan", f"{plan!r} is not 'auto', 'host', 'device' or 'device:K' (the first K "
+                                          "buckets on the GPU)")
+        if t.gpu_memory_cap_gib < 0 or t.gpu_memory_margin_gib < 0 or t.activation_gib < 0:
+            bad("trainer", f"gpu_memory_cap_gib={t.gpu_memory_cap_gib}, gpu_memory_margin_gib="
+                           f"{t.gpu_memory_margin_gib} and activation_gib={t.activation_gib} must be >= 0")
         if t.max_iter < 1 or t.logging_iter < 1:
             bad("trainer", f"max_iter={t.max_iter} and logging_iter={t.logging_iter} must be >= 1")
         return self
@@ -268,7 +322,7 @@ def _parse_value(text: str, typ: Any, key: str) -> Any:
 
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     """Apply ``section.key=value`` strings in order; returns ``cfg`` (validated)."""
-    sections = {f.name for f in dataclasses.fields(cfg) if f.name != "experiment"}
+    sections = {f.name for f in dataclasses.fields(cfg) if f.name not in ("experiment", "overrides")}
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"override {item!r} must look like section.key=value (e.g. optimizer.lr=1e-4)")
@@ -281,6 +335,7 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
         if parts[1] not in hints:
             raise ValueError(f"unknown config key {key!r}: valid keys of {parts[0]!r} are {sorted(hints)}")
         setattr(section, parts[1], _parse_value(text.strip(), hints[parts[1]], key))
+        cfg.overrides.append(key.strip())
     return cfg.validate()
 
 

@@ -17,6 +17,25 @@ from __future__ import annotations
 from .base import (PRETRAINED_7B, TOKENIZER_DIR, WAYMO_VIEW_KEYS, CheckpointConfig, Config, DataConfig, EMAConfig,
                    JobConfig, ModelConfig, OptimizerConfig, ParallelConfig, TrainerConfig)
 
+# FSDP2 choices of the 7B recipe per GPU memory class (GiB of device memory, capped by trainer.gpu_memory_cap_gib),
+# applied at start (parallel.per_gpu_kind; command-line parallel.* overrides win). Per GPU with N FSDP ranks:
+# fp32 master + AdamW moments + EMA 16 B x 7.23B / N, fp32 sharded gradients 4 B x 7.23B / N, activations at
+# 63,600 tokens / cp (selective 26.5 GiB, sub-block 43 GiB at cp=1), and with reshard_after_forward=False the
+# unsharded bf16 weights from forward to backward (13.5 GiB).
+GPU_KINDS = {
+    # H200 (141 GB, ~140 GiB): 2 GPUs, cp=1 -> 54 + 13.5 + 26.5 + 13.5 = ~108 GiB: fits. Selective recompute skips
+    # re-running self-attention (69% of the FLOPs; sub-block recompute re-runs all of it), keeping the gathered
+    # weights saves one all-gather per block in backward (14.5 GB per step), explicit prefetch of the next block
+    # keeps the all-gather stream one unit ahead of compute, compiled blocks as on one GPU.
+    "130": dict(activation_checkpointing="selective", reshard_after_forward=False, forward_prefetch=1,
+                backward_prefetch=1, compile=True),
+    # 80 GB cards (~79 GiB): the FSDP recipe needs >= 4 of them (2: 67 GiB of states + gradients alone). At 4:
+    # 27 + 6.7 + 26.5 = 60 GiB with selective recompute, so weights are resharded after forward (+13.5 does not
+    # fit with a margin).
+    "75": dict(activation_checkpointing="selective", reshard_after_forward=True, forward_prefetch=1,
+               backward_prefetch=1, compile=True),
+}
+
 # The tiny nets see T5 embeddings of width 1024 (the tiny T5 of mvmodel.data.tiny_t5 has T5-11B's width).
 _TINY_NET = dict(n_views=5, view_condition_dim=3, add_repeat_frame_embedding=False, crossattn_emb_channels=1024,
                  camera_names=list(WAYMO_VIEW_KEYS))
@@ -36,7 +55,9 @@ def text2world_multiview_7b_example_waymo() -> Config:
                                   warmup_steps=2500, warmup_start=1e-6, grad_clip=1.0),
         ema=EMAConfig(enabled=True, rate=0.10),
         checkpoint=CheckpointConfig(save_iter=200, load_path=PRETRAINED_7B, keep_last=3),
-        parallel=ParallelConfig(activation_checkpointing="subblock", compile=False, fsdp_unit="block"),
+        # Upstream's sub-block recompute, uncompiled, where no GPU_KINDS entry applies (CPU, small GPUs).
+        parallel=ParallelConfig(activation_checkpointing="subblock", compile=False, fsdp_unit="block",
+                                per_gpu_kind={k: dict(v) for k, v in GPU_KINDS.items()}),
         trainer=TrainerConfig(max_iter=2000, logging_iter=200, seed=0),
     )
 
@@ -46,6 +67,7 @@ def text2world_multiview_7b_example_waymo_1gpu() -> Config:
     cfg = text2world_multiview_7b_example_waymo()
     cfg.job.name = "text2world_multiview_7b_example_waymo_1gpu"
     cfg.optimizer.cpu_offload = True
+    cfg.parallel.per_gpu_kind = {}  # no FSDP here; the memory plan (optimizer.offload_plan=auto) adapts to the GPU
     cfg.parallel.compile = True
     # Selective recompute: each block's input and its self-attention output are kept (28 x 0.5 GB more than
     # per-block recompute), so the backward never re-runs self-attention (~70% of the FLOPs). Measured on an

@@ -15,6 +15,14 @@ Stages, each holding the GPU only while it runs (the 7B 6-view run fits one 80 G
    in fp32, rounded to the net dtype between steps. The latent is kept on the CPU afterwards.
 3. ``decode``: the DiT goes back to the CPU, the tokenizer comes to the GPU and decodes one view at a time
    (latent / sigma_data, then clamp(1 + x, 0, 2) / 2 * 255 -> uint8, as upstream), then leaves it again.
+
+Split across GPUs (``cp_group``: the ranks of one generation, e.g. ``torchrun --nproc_per_node=N``): the DiT runs
+with the trainer's context parallelism (``mvmodel.trainer.context_parallel``: each rank holds 1/N of every view's
+tokens, the joint self-attention exchanges heads by all-to-all, the final layer all-gathers the output), so every
+rank gets the full network output and makes the same Euler update: all ranks hold the same latent, with no
+further communication. Rank 0 alone runs T5 (one 11B encoder load instead of N; its embeddings, 2 MB per
+prompt, are broadcast) and the tokenizer decode (the other ranks' latents are identical, so decoding there would
+only repeat it); the other ranks return None for each video.
 """
 from __future__ import annotations
 
@@ -25,6 +33,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from ..diffusion import Condition, EDMScaling, karras_sigmas
@@ -179,8 +188,13 @@ class MultiviewGenerationPipeline:
     def __init__(self, spec: ModelSpec, *, t5_dir: str | None, tokenizer_dir: str | None,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None,
                  attention_backend: str = "auto", t5_dtype: torch.dtype = torch.float32,
-                 batch_cfg: bool = True, offload: bool = True, progress: bool = True, compile: bool = False) -> None:
+                 batch_cfg: bool = True, offload: bool = True, progress: bool = True, compile: bool = False,
+                 cp_group=None) -> None:
         self.spec = spec
+        self.cp_group = cp_group if cp_group is not None and dist.get_world_size(cp_group) > 1 else None
+        # Global rank of the group's first member: it encodes the prompts and decodes the videos.
+        self.lead = dist.get_global_rank(self.cp_group, 0) if self.cp_group is not None else 0
+        self.is_lead = self.cp_group is None or dist.get_rank() == self.lead
         self.device = resolve_device(device)
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.t5_dir, self.tokenizer_dir, self.t5_dtype = t5_dir, tokenizer_dir, t5_dtype
@@ -209,6 +223,10 @@ class MultiviewGenerationPipeline:
             free_accelerator_memory()
         if self._net is None:
             self._net = build_network(self.spec, self.device, self.dtype, self.attention_backend)
+            if self.cp_group is not None:  # hooks only: weights and keys unchanged
+                from ..trainer.context_parallel import enable_context_parallel
+
+                enable_context_parallel(self._net, self.cp_group)
             if self.compile:  # in place, per transformer block: state-dict keys and the loaded weights unchanged
                 for block in self._net.blocks.values():
                     block.compile()
@@ -252,7 +270,7 @@ class MultiviewGenerationPipeline:
         sigmas = karras_sigmas(num_steps).float().tolist()
         x = noise.to(self.device, net_dtype(net))
         steps = range(num_steps)
-        if self.progress:
+        if self.progress and self.is_lead:
             from tqdm.auto import tqdm
 
             steps = tqdm(steps, desc=f"sampling {V} views", unit="step")
@@ -296,9 +314,18 @@ class MultiviewGenerationPipeline:
         check_sampling_options(num_steps, guidance, fps)
         if self.t5_dir is None or not (Path(self.t5_dir) / "config.json").is_file():  # before the DiT loads
             raise FileNotFoundError(f"{self.t5_dir}: no T5 checkpoint (config.json missing); pass --t5_dir")
+        if self.cp_group is not None:
+            check_context_parallel(self.spec.net_config, num_video_frames, height, width,
+                                   dist.get_world_size(self.cp_group))
         # The DiT first: bad weights are refused before minutes of T5 loading (encode_prompts offloads it again).
         self.network()
-        emb = self.encode_prompts([ps[s] for ps in prompt_sets for s in slots])
+        texts = [ps[s] for ps in prompt_sets for s in slots]
+        emb = self.encode_prompts(texts) if self.is_lead else None
+        if self.cp_group is not None:  # one T5 run; CPU tensors pickled (the backend moves them as needed)
+            box = [emb]
+            dist.broadcast_object_list(box, src=self.lead, group=self.cp_group,
+                                       device=self.device if self.device.type == "cuda" else None)
+            emb = box[0]
         fr = [frame_repeat_negative_condition if s in ("back_left", "back_right") else 0.0 for s in slots]
         latents = []
         for i, (ps, seed) in enumerate(zip(prompt_sets, seeds, strict=True)):
@@ -307,6 +334,9 @@ class MultiviewGenerationPipeline:
             latents.append(self.sample(text, seed=seed, num_steps=num_steps, guidance=guidance, fps=fps,
                                        num_video_frames=num_video_frames, height=height, width=width,
                                        frame_repeat=fr))
+        self.latents = latents  # [1, 16, V*T', h, w] per video (the same on every rank of a CP group)
+        if not self.is_lead:
+            return [None] * len(latents)
         return [self.decode(z, num_video_frames) for z in latents]
 
     def summary(self) -> dict[str, Any]:
@@ -323,6 +353,15 @@ def check_sampling_options(num_steps: int, guidance: float, fps: float | None) -
         raise ValueError(f"--guidance {guidance}: must be a finite number (0 = no guidance; upstream uses 7)")
     if fps is not None and not (math.isfinite(fps) and fps > 0):
         raise ValueError(f"--fps {fps}: must be a finite number > 0 (the output frame rate and RoPE time scale)")
+
+
+def check_context_parallel(net_config, num_video_frames: int, height: int, width: int, n: int) -> None:
+    """Each view's tokens must split evenly over the ``n`` ranks (``--num_gpus``)."""
+    t = (1 + (num_video_frames - 1) // 8) // net_config.patch_temporal
+    per_view = t * (height // 8 // net_config.patch_spatial) * (width // 8 // net_config.patch_spatial)
+    if per_view % n:
+        raise ValueError(f"--num_gpus {n}: each view has {per_view} tokens ({num_video_frames} frames at "
+                         f"{height}x{width}), not divisible by {n}; choose --num_gpus dividing {per_view}")
 
 
 def check_video_size(num_video_frames: int, height: int, width: int) -> None:

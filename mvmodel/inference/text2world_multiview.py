@@ -13,6 +13,10 @@ JSONL file, one object per line with the keys ``prompt`` (required), ``prompt_le
 (default: the command line's), optionally ``seed`` (default ``--seed`` + line index) and ``video_save_name``
 (default: the line index). Unlike upstream, ``--tokenizer_dir`` is honoured (``builtin`` = the weight-free
 built-in tokenizer) and one GPU suffices: T5, DiT and tokenizer take turns on it.
+
+Several GPUs split one generation (context parallelism; rank 0 runs T5 and the decode and writes the files)::
+
+    torchrun --standalone --nproc_per_node=2 -m mvmodel.inference.text2world_multiview --num_gpus 2 ...
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from .model_dir import RELEASED_NAME, SLOT_ARGS, INFERENCE_DEFAULTS, resolve_model
 from .video_io import check_save_name
@@ -76,8 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--sequential_cfg", action="store_true", help="run cond and uncond as two forwards instead of one of batch 2")
     a("--no_offload", action="store_true", help="keep the DiT on the GPU while decoding")
     a("--no_progress", action="store_true", help="no per-step progress bar")
+    a("--save_latents", action="store_true", help="also write {name}_latent.pt (the sampled latent, fp32)")
     # Upstream flags kept so that its commands run unchanged.
-    a("--num_gpus", type=int, default=1, help="must be 1 (no context parallelism here)")
+    a("--num_gpus", type=int, default=1,
+      help="GPUs splitting each generation (context parallelism); > 1 under torchrun --nproc_per_node=N")
     a("--negative_prompt", default=None, help="ignored, as upstream's multi-view model (uncond = zero text)")
     a("--disable_prompt_upsampler", action="store_true", help="accepted; there is no prompt upsampler")
     a("--disable_guardrail", action="store_true", help="accepted; there are no guardrail models")
@@ -154,14 +161,32 @@ def prepare_output_folder(folder: str | Path) -> Path:
     return folder
 
 
+def setup_gpus(args) -> tuple[object | None, bool]:
+    """(context-parallel group or None, whether this process writes files) for ``--num_gpus``; joins torchrun's
+    process group when it is more than 1 (NCCL on cuda:LOCAL_RANK, gloo with --device cpu)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.num_gpus < 1 or args.num_gpus != world:
+        raise ValueError(f"--num_gpus {args.num_gpus}: expected a count >= 1 equal to the number of processes "
+                         f"({world}); launch with torchrun --nproc_per_node={max(args.num_gpus, 1)} for several")
+    if args.num_gpus == 1:
+        return None, True
+    from ..trainer.parallelize import init_distributed
+
+    info = init_distributed(args.device or "auto")
+    args.device = str(info.device)
+    if not info.is_main:
+        args.no_progress = True
+        logging.getLogger().setLevel(logging.WARNING)
+    return dist.group.WORLD, info.is_main
+
+
 def run(argv: list[str] | None = None) -> list[dict[str, Path]]:
     """Parse, generate and save; returns the written paths per video. Raises ValueError / OSError (user errors)."""
     from .pipeline import MultiviewGenerationPipeline, check_video_size, resolve_device
     from .video_io import save_outputs
 
     args = build_parser().parse_args(argv)
-    if args.num_gpus != 1:
-        raise ValueError(f"--num_gpus {args.num_gpus}: this CLI runs on one GPU (the 7B 6-view model fits 80 GB)")
+    cp_group, is_main = setup_gpus(args)
     check_numbers(args)
     device = resolve_device(args.device)
     ckpt = Path(args.checkpoint_dir)
@@ -189,19 +214,25 @@ def run(argv: list[str] | None = None) -> list[dict[str, Path]]:
     pipe = MultiviewGenerationPipeline(spec, t5_dir=t5_dir, tokenizer_dir=tok_dir, device=device, dtype=dtype,
                                        attention_backend=args.attention_backend, t5_dtype=getattr(torch, args.t5_dtype),
                                        batch_cfg=not args.sequential_cfg, offload=not args.no_offload,
-                                       progress=not args.no_progress, compile=args.compile)
-    log.info("model %s (%s), %d views %s; %d video(s) of %d frames at %dx%d, %s fps, %d steps, guidance %g",
+                                       progress=not args.no_progress, compile=args.compile, cp_group=cp_group)
+    log.info("model %s (%s), %d views %s; %d video(s) of %d frames at %dx%d, %s fps, %d steps, guidance %g%s",
              spec.weights, spec.source, spec.n_views, list(spec.slots), len(sets), opt["num_video_frames"],
-             opt["height"], opt["width"], opt["fps"], args.num_steps, args.guidance)
+             opt["height"], opt["width"], opt["fps"], args.num_steps, args.guidance,
+             f"; context parallel over {args.num_gpus} ranks" if cp_group is not None else "")
     t0 = time.time()
     videos = pipe.generate([ps for _, _, ps in sets], seeds=[seed for _, seed, _ in sets], num_steps=args.num_steps,
                            guidance=args.guidance, fps=float(opt["fps"]), num_video_frames=int(opt["num_video_frames"]),
                            height=int(opt["height"]), width=int(opt["width"]),
                            frame_repeat_negative_condition=args.frame_repeat_negative_condition)
     written = []
-    for (name, _, ps), video in zip(sets, videos):
+    if not is_main:  # rank 0 writes every file
+        return written
+    for (name, _, ps), video, latent in zip(sets, videos, pipe.latents):
         paths = save_outputs(out_dir, name, video, spec.slots, ps, float(opt["fps"]))
         log.info("saved %s, %s, %s", *paths.values())
+        if args.save_latents:
+            paths["latent"] = Path(args.video_save_folder) / f"{name}_latent.pt"
+            torch.save(latent, paths["latent"])
         written.append(paths)
     log.info("done in %.1f s", time.time() - t0)
     return written
@@ -214,6 +245,9 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, OSError) as exc:  # user and environment errors: one line, no traceback; bugs still trace
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

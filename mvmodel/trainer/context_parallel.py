@@ -138,6 +138,11 @@ class ContextParallel:
         self.size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         self.n_views: int | None = None  # set by the block hook, read by the final-layer hook
+        # True: the collectives run eagerly between compiled pieces (dynamo graph-breaks at them).
+        self.collectives_outside_compile = False
+
+    def _c(self, fn):
+        return _eager(fn) if self.collectives_outside_compile else fn
 
     def mode(self, heads: int) -> str:
         return "ulysses" if heads % self.size == 0 else "allgather_kv"
@@ -153,9 +158,9 @@ class ContextParallel:
                              f"table of {S_loc * self.size} tokens ({S_loc} local x cp={self.size})")
         _check_split(S_loc * self.size, n_views, self.size)
         if self.mode(H) == "ulysses":
-            qkv = seq_to_heads(torch.stack([q, k, v], dim=2), n_views, self.group)  # [B, S, 3, H/cp, Dh]
+            qkv = self._c(seq_to_heads)(torch.stack([q, k, v], dim=2), n_views, self.group)  # [B, S, 3, H/cp, Dh]
             out = attn.core(*qkv.unbind(2), rope_angles, n_views, connectivity)
-            return heads_to_seq(out, n_views, self.group)
+            return self._c(heads_to_seq)(out, n_views, self.group)
         return self._attend_allgather(attn, q, k, v, rope_angles, n_views, connectivity)
 
     def _attend_allgather(self, attn: Attention, q: Tensor, k: Tensor, v: Tensor, rope_angles: Tensor | None,
@@ -165,7 +170,7 @@ class ContextParallel:
         if rope_angles is not None:
             local = split_tokens(rope_angles[None], n_views, self.size, self.rank)[0]
             q, k = apply_rope(q, local), apply_rope(k, local)
-        kv = gather_tokens(torch.stack([k, v], dim=2), n_views, self.group)  # [B, S, 2, H, Dh]
+        kv = self._c(gather_tokens)(torch.stack([k, v], dim=2), n_views, self.group)  # [B, S, 2, H, Dh]
         k, v = kv.unbind(2)
         conn = view_connectivity_matrix(connectivity, n_views, q.device)
         mask = None
@@ -199,6 +204,16 @@ class ContextParallel:
         if self.n_views is None:
             raise RuntimeError("context parallelism: the final layer ran before any transformer block")
         return gather_tokens(output, self.n_views, self.group)
+
+
+_EAGER: dict = {}
+
+
+def _eager(fn):
+    """``fn`` excluded from torch.compile (cached: one wrapper per function)."""
+    if fn not in _EAGER:
+        _EAGER[fn] = torch.compiler.disable(fn)
+    return _EAGER[fn]
 
 
 _BLOCK_SIG = inspect.Signature(list(inspect.signature(GeneralDITTransformerBlock.forward).parameters.values())[1:])

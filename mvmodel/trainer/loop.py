@@ -29,8 +29,9 @@ from ..networks import MultiviewDiT, load_cosmos_checkpoint, preset
 from ..tokenizer import load_tokenizer
 from . import checkpoint as ckpt
 from .ema import PowerEMA
+from .memory_plan import cap_gpu_memory, plan_for_config
 from .monitor import Monitor, host_rss_gib
-from .parallelize import DTYPES, DistInfo, TrainableDiffusion, apply_parallelism, init_distributed
+from .parallelize import DTYPES, DistInfo, TrainableDiffusion, apply_parallelism, init_distributed, resolve_gpu_kind
 
 
 def warmup_multiplier(iteration: int, warmup_steps: int, start: float) -> float:
@@ -99,8 +100,10 @@ class Trainer:
             raise ValueError(f"parallel.context_parallel_size={self.cp_size} must divide the number of processes "
                              f"({self.info.world_size})")
         self.dp_rank, self.dp_size = self.info.rank // self.cp_size, self.info.world_size // self.cp_size
+        cap_gpu_memory(dev, cfg.trainer.gpu_memory_cap_gib)  # before anything is allocated on the GPU
         torch.manual_seed(cfg.trainer.seed)  # model init: same weights on every rank (upstream: seed 0)
         self.model = self._build_model(load_pretrained=resume_from is None)
+        self._parallel_note = resolve_gpu_kind(cfg.parallel, dev, cfg.trainer.gpu_memory_cap_gib, cfg.overrides)
         self.model = apply_parallelism(self.model, cfg.parallel, compute_dtype=self.compute_dtype, info=self.info,
                                        use_fsdp=self.use_fsdp)
         self.params = [p for _, p in self.model.named_parameters()]
@@ -128,7 +131,7 @@ class Trainer:
         self.monitor.write(f"[mvmodel.train] {cfg.experiment or cfg.job.name}: {self.info.world_size} process(es) on "
                            f"{dev.type} ({self.info.backend}), {sum(p.numel() for p in self.params) / 1e6:.2f}M "
                            f"parameters, {self.tokens_per_sample} tokens/sample, {len(self.dataset)} samples; {where}; "
-                           f"job folder {self.job_dir}")
+                           f"job folder {self.job_dir}; {self._parallel_note}")
 
     # ------------------------------------------------------------------------------------------ building
     def _build_model(self, load_pretrained: bool) -> TrainableDiffusion:
@@ -167,9 +170,13 @@ class Trainer:
             from .offload import OffloadedAdamW
 
             ema_rate = self.cfg.ema.rate if self.cfg.ema.enabled else None
+            net_cfg = self.model.net.config
             opt = OffloadedAdamW(list(self.model.named_parameters()), lr=o.lr, betas=o.betas, eps=o.eps,
-                                 weight_decay=o.weight_decay, ema_rate=ema_rate, threads=o.offload_threads)
+                                 weight_decay=o.weight_decay, ema_rate=ema_rate, threads=o.offload_threads,
+                                 plan=lambda numels: plan_for_config(self.cfg, numels, self.info.device, net_cfg))
             opt.install_prefetch_hooks(self.model)
+            if self.info.is_main:  # where each part lives and why, in the start log
+                print(f"[mvmodel.train] {opt.plan.describe()}", flush=True)
             return opt
         # Upstream: one group, weight decay on every parameter (§8.2).
         fused = self.info.device.type == "cuda"  # one kernel per step on GPU (works on FSDP2 DTensors)

@@ -8,7 +8,11 @@
 3. with ``context_parallel_size`` > 1, context parallelism hooks (``context_parallel.py``) on a (dp, cp) mesh;
 4. FSDP2 ``fully_shard`` on every unit (each transformer block, or each FA/CA/MLP sub-block as upstream's wrap
    policy), then on the uncertainty head (kept fp32) and on the root, with a mixed-precision policy: parameters
-   all-gathered in the compute dtype (bf16), gradients reduced in fp32, sharded master weights in fp32.
+   all-gathered in the compute dtype (bf16), gradients reduced in fp32, sharded master weights in fp32;
+   ``reshard_after_forward`` (True / False / a group size) per unit, and optionally explicit forward/backward
+   prefetch of the next ``forward_prefetch`` / ``backward_prefetch`` units.
+
+Which of these a GPU gets can depend on its memory: ``parallel.per_gpu_kind`` (``resolve_gpu_kind``, at start).
 
 FSDP2 also runs on CPU over gloo (verified with torch 2.13), so CPU tests exercise the same code as GPUs. With
 ``optimizer.cpu_offload`` on a single process, FSDP is not applied: the GPU keeps the bf16 weights and the
@@ -126,6 +130,40 @@ def fsdp_units(model: DiffusionModel, unit: str) -> list[nn.Module]:
     return net.fsdp_units() if unit == "subblock" else list(net.blocks.values())
 
 
+def resolve_gpu_kind(cfg: ParallelConfig, device: torch.device, cap_gib: float = 0.0,
+                     explicit: list[str] = (), memory_gib: float | None = None) -> str:
+    """Apply the ``per_gpu_kind`` entry for this GPU's memory class to ``cfg`` (in place), leaving the fields in
+    ``explicit`` (dotted command-line keys) alone. ``memory_gib``: the device's memory (default: queried).
+    Returns a line for the start log."""
+    if not cfg.per_gpu_kind:
+        return "parallel choices: the experiment's (no per-GPU-kind table)"
+    if device.type != "cuda" and memory_gib is None:
+        return f"parallel choices: the experiment's (no GPU; per-GPU-kind table for {sorted(cfg.per_gpu_kind)} GiB)"
+    gib = memory_gib if memory_gib is not None else torch.cuda.get_device_properties(device).total_memory / 2**30
+    if cap_gib > 0:
+        gib = min(gib, cap_gib)
+    fits = [k for k in cfg.per_gpu_kind if float(k) <= gib]
+    if not fits:
+        return f"parallel choices: the experiment's ({gib:.0f} GiB is below every per-GPU-kind class)"
+    kind = max(fits, key=float)
+    applied = {}
+    for field, value in cfg.per_gpu_kind[kind].items():
+        if f"parallel.{field}" not in explicit:
+            setattr(cfg, field, value)
+            applied[field] = value
+    return f"parallel choices for a {gib:.0f} GiB GPU (class {kind} GiB): {applied}"
+
+
+def set_explicit_prefetch(units: list[nn.Module], forward: int, backward: int) -> None:
+    """FSDP2 explicit prefetch: unit i all-gathers units i+1..i+forward ahead in forward, and i-1..i-backward in
+    backward (0 leaves FSDP2's implicit one-unit prefetch)."""
+    for i, u in enumerate(units):
+        if forward > 0 and units[i + 1:i + 1 + forward]:
+            u.set_modules_to_forward_prefetch(units[i + 1:i + 1 + forward])
+        if backward > 0 and i > 0:
+            u.set_modules_to_backward_prefetch(units[max(0, i - backward):i][::-1])
+
+
 def apply_parallelism(model: DiffusionModel, cfg: ParallelConfig, *, compute_dtype: torch.dtype, info: DistInfo,
                       use_fsdp: bool = True) -> nn.Module:
     """AC -> compile -> fully_shard, in place. Without FSDP the model is moved to the device, the net cast to
@@ -150,7 +188,8 @@ def apply_parallelism(model: DiffusionModel, cfg: ParallelConfig, *, compute_dty
         if not use_fsdp:
             raise ValueError("parallel.context_parallel_size > 1 needs several processes (it runs under FSDP)")
         mesh2d = context_parallel_mesh(info.device.type, info.world_size, cfg.context_parallel_size)
-        enable_context_parallel(model.net, mesh2d["cp"].get_group())
+        cp = enable_context_parallel(model.net, mesh2d["cp"].get_group())
+        cp.collectives_outside_compile = cfg.compile and cfg.compile_collectives == "outside"
     if not use_fsdp:
         model.to(info.device)
         for p in model.net.parameters():  # parameters only: buffers such as pos_embedder.seq stay fp32
@@ -167,9 +206,16 @@ def apply_parallelism(model: DiffusionModel, cfg: ParallelConfig, *, compute_dty
     # cast_forward_inputs=False: the net casts its own inputs; RoPE tables and sigma must not be rounded here.
     mp = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32, cast_forward_inputs=False)
     fp32 = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    raf = cfg.reshard_after_forward
+    if not isinstance(raf, bool) and (raf < 1 or info.world_size % raf):
+        raise ValueError(f"parallel.reshard_after_forward={raf}: a group size must divide the world size "
+                         f"{info.world_size} (or use true/false)")
+    if not isinstance(raf, bool) and raf in (1, info.world_size):
+        raf = raf == info.world_size  # FSDP2's own reading of 1 / world size, without its warning
     for u in units:
-        fully_shard(u, mesh=mesh, mp_policy=mp, reshard_after_forward=cfg.reshard_after_forward)
+        fully_shard(u, mesh=mesh, mp_policy=mp, reshard_after_forward=raf)
     fully_shard(model.logvar, mesh=mesh, mp_policy=fp32, reshard_after_forward=False)
     # The root keeps the net's non-block weights (embedders, final layer); backward needs them right away.
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
+    set_explicit_prefetch(units, cfg.forward_prefetch, cfg.backward_prefetch)
     return model
