@@ -197,3 +197,12 @@ def test_gpu_auto_follows_the_measured_table(tmp_path, monkeypatch):
         assert choose_auto(q, True, True, "all") == "fa4"
     with torch.enable_grad():
         assert choose_auto(q, True, True, "all") == "sdpa"
+
+
+def test_selective_checkpointing_keeps_every_attention_kernel():
+    """Selective recompute must keep the outputs of each attention backend "auto" can pick, FA4's op included (it
+    was missing: every backward of a block ran FA4's forward again)."""
+    from mvmodel.trainer.parallelize import _attention_ops
+
+    ops = _attention_ops()
+    assert torch.ops.mvkernels.fa4_attention in ops and torch.ops.mvkernels.mv_attention in ops

@@ -92,8 +92,11 @@ def _attention_ops() -> set:
              "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention_for_cpu")
     ops = {getattr(torch.ops.aten, n) for n in names if hasattr(torch.ops.aten, n)}
     try:
+        import mvkernels.ops.fa4_attention  # noqa: F401, PLC0415 - registers mvkernels::fa4_attention
+
         ops.add(torch.ops.mvkernels.mv_attention)
-    except (AttributeError, RuntimeError):  # mvkernels not built/loaded: the SDPA kernels are the ones used
+        ops.add(torch.ops.mvkernels.fa4_attention)  # without it FA4's forward would run again in every backward
+    except (ImportError, AttributeError, RuntimeError):  # mvkernels not built: the SDPA kernels are the ones used
         pass
     return ops
 
