@@ -280,7 +280,7 @@ def _parse_value(text: str, typ: Any, key: str) -> Any:
         except json.JSONDecodeError:
             if origin is dict:
                 raise ValueError(f"override {key}={text!r}: expected a JSON object") from None
-            val = [v for v in text.split(",") if v]  # a,b,c shorthand
+            val = [v.strip() for v in text.strip("[]()").split(",") if v.strip()]  # a,b,c or [nan,0.9] (not JSON)
         if origin is dict:
             if not isinstance(val, dict):
                 raise ValueError(f"override {key}={text!r}: expected a JSON object")
