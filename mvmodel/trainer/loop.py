@@ -437,7 +437,8 @@ class Trainer:
             if self.ema is not None:
                 named += [(f"EMA of {name}", t) for name, t in zip(names, self.ema.shadow)]
         with torch.no_grad():
-            sums = torch.stack([t.detach().sum(dtype=torch.float64).cpu() for _, t in named])
+            dev = named[0][1].device  # one host sync for the whole model, not one per tensor
+            sums = torch.stack([t.detach().sum(dtype=torch.float64).to(dev) for _, t in named]).cpu()
         bad = [named[i][0] for i in torch.nonzero(~torch.isfinite(sums)).flatten().tolist()]
         if self._any_rank(bool(bad)):
             raise TrainingError(
