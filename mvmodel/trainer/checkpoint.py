@@ -504,10 +504,11 @@ class Checkpointer:
         try:
             fn(*args)
         except Exception as exc:  # noqa: BLE001 - every failure must reach the training loop
-            self._error = CheckpointError(f"checkpoint of iteration {n} not saved "
-                                          f"({self.dir / LATEST} still names the previous one): {exc}")
-            self._error.__cause__ = exc
-            self._abort(n)
+            err = CheckpointError(f"checkpoint of iteration {n} not saved ({self.dir / LATEST} still names the "
+                                  f"previous one): {exc}")
+            err.__cause__ = exc
+            self._abort(n)  # before the error is visible: the loop may stop as soon as it sees it
+            self._error = err
 
     def _abort(self, n: int) -> None:
         self._records.pop(n, None)
