@@ -167,6 +167,10 @@ def atomic_save(obj: Any, path: Path) -> dict[str, Any]:
     return atomic_write(path, lambda f: torch.save(obj, f), expected_size=_nbytes(obj))
 
 
+def _write_json(path: Path, obj: Any) -> None:
+    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=1) + "\n").encode()))
+
+
 def sha256_file(path: Path, chunk: int = 16 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -482,7 +486,7 @@ class Checkpointer:
             raise CheckpointError(f"{self.dir}: the set of iteration {n} lacks {missing}")
         man = {"format": MANIFEST_FORMAT, "iteration": n, "checksum": "sha256",
                "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": files}
-        atomic_write(self.dir / manifest_name(n), lambda f: f.write((json.dumps(man, indent=1) + "\n").encode()))
+        _write_json(self.dir / manifest_name(n), man)
         atomic_write(self.dir / LATEST, lambda f: f.write(f"{iter_name(n)}\n".encode()))
         self.lineage.add(n)
         try:
@@ -572,7 +576,7 @@ class Checkpointer:
             if not man.get("pruned"):  # record first: a crash in between leaves stray files, not a lying manifest
                 man["files"] = {k: v for k, v in man["files"].items() if k not in drop}
                 man["pruned"] = drop
-                atomic_write(self.dir / manifest_name(n), lambda f, m=man: f.write((json.dumps(m, indent=1) + "\n").encode()))
+                _write_json(self.dir / manifest_name(n), man)
             for name in drop:
                 (self.dir / name).unlink(missing_ok=True)
 

@@ -19,6 +19,7 @@ job's ``config.json`` (kept as it is; a changed config is written next to it as 
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -87,8 +88,9 @@ class JobLock:
         except OSError:
             holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown process"
             os.close(fd)
-            raise ckpt.CheckpointError(f"job folder {self.path.parent} is in use by another training run ({holder}; lock "
-                               f"file {self.path}): stop that run, or start this one with another job.name") from None
+            raise ckpt.CheckpointError(f"job folder {self.path.parent} is in use by another training run ({holder}; "
+                                       f"lock file {self.path}): stop that run, or start this one with another "
+                                       f"job.name") from None
         previous = os.pread(fd, 4096, 0).decode(errors="replace").strip()
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"host {socket.gethostname()} pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
@@ -165,7 +167,8 @@ class Trainer:
             self._setup(progress, with_data)
         except BaseException:
             if getattr(self, "checkpointer", None) is not None:
-                self.checkpointer.drain()
+                with contextlib.suppress(Exception):  # the setup error is the one to report
+                    self.checkpointer.close()
             if self._lock is not None:
                 self._lock.release()
             if owns_group and dist.is_initialized():  # leave no half-built process group behind
