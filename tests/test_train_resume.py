@@ -98,6 +98,7 @@ def test_kill_during_saves_and_resume_reproduces_losses(dataset, tmp_path):
     again = subprocess.run(command(dataset, out), env=env(), cwd=REPO, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"resumed from iteration {done}" in again.stderr + again.stdout
+    assert "took over the lock" in again.stderr + again.stdout  # the killed run's lock, left behind
     resumed = losses(out / JOB)
     assert sorted(resumed) == list(range(1, 11))
     assert resumed == reference, f"seed {seed}"  # bitwise: same data order, same noise, same updates
