@@ -8,6 +8,7 @@ composed config and exits. Outputs go to ``${OUTPUT_ROOT:-checkpoints}/{project}
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 
@@ -26,12 +27,33 @@ def main(argv: list[str] | None = None) -> dict | None:
         print(json.dumps(cfg.to_dict(), indent=2, default=str))
         return None
     from .trainer import Trainer  # heavy imports only once the command line is valid
+    from .trainer.checkpoint import CheckpointError
+    from .trainer.loop import TrainingError
 
-    trainer = Trainer(cfg)
+    # Refusals and failures the user must act on: one line naming the file/setting, exit status 1.
+    expected = (CheckpointError, TrainingError, ValueError, FileNotFoundError)
     try:
-        return trainer.train()
-    finally:
-        trainer.close()
+        trainer = Trainer(cfg)
+    except expected as exc:
+        if argv is not None:
+            raise
+        sys.exit(f"mvmodel.train: error: {exc}")
+    try:
+        summary = trainer.train()
+    except (CheckpointError, TrainingError) as exc:
+        try:
+            trainer.close()
+        except CheckpointError as late:  # a second write error while stopping: report it too
+            exc = f"{exc}; also: {late}"
+        if argv is not None:
+            raise
+        sys.exit(f"mvmodel.train: error: {exc}")
+    except BaseException:
+        with contextlib.suppress(Exception):  # the original error is the one to see
+            trainer.close()
+        raise
+    trainer.close()
+    return summary
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ Regenerate the golden file (after an intended numerics change) with::
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ import torch
 from mvmodel.configs import make_config
 from mvmodel.networks import MultiviewDiT, load_cosmos_checkpoint, preset
 from mvmodel.trainer import Trainer
-from mvmodel.trainer.checkpoint import iter_name
+from mvmodel.trainer.checkpoint import iter_name, manifest_name
 from mvmodel.trainer.offload import OffloadedAdamW
 
 GOLDEN = Path(__file__).parent / "golden" / "train_tiny_losses.json"
@@ -76,12 +77,18 @@ def test_checkpoint_layout_and_contents(golden_run):
     d = Path(summary["checkpoint_dir"])
     assert d == trainer.cfg.job.path_local / "checkpoints"
     assert str(d).endswith("posttraining/diffusion_text2world/text2world_multiview_tiny_example/checkpoints")
-    # save_iter 4, keep_last 2, max_iter 8 -> iterations 4 and 8, five files each.
+    # save_iter 4, keep_last 2, max_iter 8 -> iterations 4 and 8, five files each (four + the manifest).
     names = sorted(p.name for p in d.iterdir())
     expected = sorted([iter_name(n, k) for n in (4, 8) for k in ("", "reg_model", "ema_model", "optim")]
-                      + ["latest_checkpoint.txt"])
+                      + [manifest_name(4), manifest_name(8), "latest_checkpoint.txt"])
     assert names == expected
     assert (d / "latest_checkpoint.txt").read_text() == "iter_000000008.pt\n"
+    # The manifest's sizes and sha256 (computed while writing) are those of the files on disk.
+    man = json.loads((d / manifest_name(8)).read_text())
+    assert sorted(man["files"]) == sorted(iter_name(8, k) for k in ("", "reg_model", "ema_model", "optim"))
+    for name, rec in man["files"].items():
+        assert rec["size"] == (d / name).stat().st_size
+        assert rec["sha256"] == hashlib.sha256((d / name).read_bytes()).hexdigest()
 
     reg = torch.load(d / iter_name(8, "reg_model"), weights_only=True)
     ema = torch.load(d / iter_name(8, "ema_model"), weights_only=True)
@@ -134,11 +141,17 @@ def test_fresh_run_starts_from_pretrained_checkpoint(golden_run, dataset, tmp_pa
         assert all(torch.equal(loaded[k], expected[k]) for k in expected)
     finally:
         fresh.close()
+    # A load_path that does not exist is an error (a typo must not train from random weights) ...
     cfg = make_config(CONFIG, EXPERIMENT, [f"data.dataset_dir={dataset}", f"job.output_root={tmp_path / 'b'}",
                                            "trainer.device=cpu", f"checkpoint.load_path={tmp_path / 'none.pt'}"])
-    missing = Trainer(cfg, progress=False)  # an absent load_path means random init, as upstream
-    missing.close()
-    assert missing._start_note == "random init"
+    with pytest.raises(FileNotFoundError, match=f"checkpoint.load_path={tmp_path / 'none.pt'}: no such file"):
+        Trainer(cfg, progress=False)
+    # ... random weights only when asked for.
+    cfg = make_config(CONFIG, EXPERIMENT, [f"data.dataset_dir={dataset}", f"job.output_root={tmp_path / 'c'}",
+                                           "trainer.device=cpu", "checkpoint.load_path=none"])
+    rand = Trainer(cfg, progress=False)
+    rand.close()
+    assert rand._start_note == "random init"
 
 
 def test_non_finite_batch_is_skipped_and_counted(dataset, tmp_path):

@@ -1,9 +1,12 @@
-"""Kill a training process (SIGKILL, mid-run) and restart the same command: it resumes from the last complete
-checkpoint and reproduces the uninterrupted run's losses exactly; a kill never leaves a partial file behind."""
+"""Kill a training process (SIGKILL, at random points of its checkpoint saves) and restart the same command: it
+resumes from the last complete checkpoint and reproduces the uninterrupted run's losses exactly; a kill never
+leaves a partial file behind or a pointer to an incomplete set."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -13,9 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from mvmodel.trainer.checkpoint import Checkpointer
 from test_train_loop import tiny_dataset
 
 REPO = Path(__file__).resolve().parents[1]
+JOB = Path("posttraining/diffusion_text2world/text2world_multiview_tiny_example")
 
 
 @pytest.fixture(scope="module")
@@ -44,42 +49,62 @@ def losses(job: Path) -> dict[int, float]:
     return out
 
 
-def test_kill_and_resume_reproduces_losses(dataset, tmp_path):
-    job_rel = Path("posttraining/diffusion_text2world/text2world_multiview_tiny_example")
+def kill_during_save(cmd: list[str], ckdir: Path, after: int, rng: random.Random) -> str:
+    """Start ``cmd``; as soon as a checkpoint file of an iteration >= ``after`` is being written (its temporary
+    exists), wait a random 0-40 ms (inside or just past that save) and SIGKILL the process. Returns what was on
+    disk at the kill, for messages."""
+    proc = subprocess.Popen(cmd, env=env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    seen = None
+    while time.time() < deadline and proc.poll() is None and seen is None:
+        with contextlib.suppress(FileNotFoundError):
+            seen = next((e.name for e in os.scandir(ckdir) if e.name.startswith(".iter_")
+                         and int(e.name[6:15]) >= after), None)
+        time.sleep(0.001)
+    assert proc.poll() is None and seen, f"training ended before it could be killed: {proc.stderr.read()[-2000:]}"
+    time.sleep(rng.uniform(0, 0.04))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return f"killed while writing {seen}; left {sorted(p.name for p in ckdir.iterdir())}"
+
+
+def check_after_kill(ckdir: Path, where: str) -> int:
+    """Whatever a kill interrupted: no final name holds a partial file, the pointer names an intact set."""
+    for p in ckdir.glob("iter_*.pt"):
+        torch.load(p, map_location="cpu", weights_only=False)
+    cp = Checkpointer(ckdir)
+    n = cp.pointer()
+    assert n is not None and cp.verify(n) is None, where
+    return n
+
+
+def test_kill_during_saves_and_resume_reproduces_losses(dataset, tmp_path):
+    seed = int(time.time())
+    rng = random.Random(seed)
     ref = subprocess.run(command(dataset, tmp_path / "ref"), env=env(), cwd=REPO, capture_output=True, text=True,
                          timeout=300)
     assert ref.returncode == 0, ref.stderr[-3000:]
-    reference = losses(tmp_path / "ref" / job_rel)
+    reference = losses(tmp_path / "ref" / JOB)
     assert sorted(reference) == list(range(1, 11))
 
     out = tmp_path / "killed"
-    ckdir = out / job_rel / "checkpoints"
-    proc = subprocess.Popen(command(dataset, out), env=env(), cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 240
-    latest = None
-    while time.time() < deadline and proc.poll() is None:
-        f = ckdir / "latest_checkpoint.txt"
-        if f.is_file() and f.read_text().strip() >= "iter_000000004.pt":
-            latest = f.read_text().strip()
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, f"training ended before it could be killed: {proc.stderr.read()[-2000:]}"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert latest is not None
-    done = (ckdir / "latest_checkpoint.txt").read_text().strip()
-    assert done < "iter_000000010.pt", "the kill came too late to test resuming"
-    for p in ckdir.glob("iter_*.pt"):  # whatever the kill interrupted, no final name holds a partial file
-        torch.load(p, map_location="cpu", weights_only=False)
+    ckdir = out / JOB / "checkpoints"
+    where = kill_during_save(command(dataset, out), ckdir, 4, rng)  # the save of 4 (or 6): 2 is complete
+    done = check_after_kill(ckdir, f"{where} (seed {seed})")
+    where = kill_during_save(command(dataset, out), ckdir, done + 2, rng)  # the restarted run, killed again
+    done = check_after_kill(ckdir, f"{where} (seed {seed})")
+    assert done < 10, "the kill came too late to test resuming"
 
     again = subprocess.run(command(dataset, out), env=env(), cwd=REPO, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert f"resumed from iteration {int(done[5:14])}" in again.stderr + again.stdout
-    resumed = losses(out / job_rel)
+    assert f"resumed from iteration {done}" in again.stderr + again.stdout
+    assert "took over the lock" in again.stderr + again.stdout  # the killed run's lock, left behind
+    resumed = losses(out / JOB)
     assert sorted(resumed) == list(range(1, 11))
-    assert resumed == reference  # bitwise: same data order, same noise, same updates
+    assert resumed == reference, f"seed {seed}"  # bitwise: same data order, same noise, same updates
     assert not list(ckdir.glob(".*.tmp*"))
+    cp = Checkpointer(ckdir)
+    assert cp.pointer() == 10 and all(cp.verify(n) is None for n in range(2, 11, 2))
     # Restarting a finished run does nothing more.
     third = subprocess.run(command(dataset, out), env=env(), cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert third.returncode == 0 and losses(out / job_rel) == reference
+    assert third.returncode == 0 and losses(out / JOB) == reference

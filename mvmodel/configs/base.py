@@ -11,6 +11,7 @@ import dataclasses
 import importlib
 import importlib.util
 import json
+import math
 import os
 import types
 import typing
@@ -118,17 +119,29 @@ class EMAConfig:
 class CheckpointConfig:
     save_iter: int = 200
     load_path: str | None = PRETRAINED_7B
-    """Pretrained weights for a fresh run (used when the file exists; resume takes precedence)."""
+    """Pretrained weights for a fresh run (resume takes precedence). A path that does not exist is an error;
+    ``none`` (or empty) starts from random weights."""
     load_strict: bool = False
     keep_last: int = 3
-    """Keep the newest k checkpoints (0 keeps all)."""
+    """Keep the optimizer and trainer state (``_optim.pt``, ``iter_N.pt``) of the newest k checkpoints of this
+    run; model files (``_reg_model.pt``, ``_ema_model.pt``) of every checkpoint stay, as upstream (0 keeps all)."""
+    prune_models: bool = False
+    """Also delete the model files of checkpoints older than the newest ``keep_last`` (saves disk, loses them)."""
     reg_model_dtype: str = "bfloat16"
     """dtype of ``iter_N_reg_model.pt`` (upstream: bf16). fp32 master weights then go into ``iter_N_optim.pt``."""
     resume: bool = True
-    """Resume from ``latest_checkpoint.txt`` in the job folder when present."""
+    """Resume from ``latest_checkpoint.txt`` in the job folder when present (verified against the manifest;
+    a damaged set falls back to the newest intact one)."""
+    overwrite: bool = False
+    """Start a new run in a job folder that holds checkpoints this run does not resume: they (and config.json,
+    metrics.jsonl) are moved to ``<job>/replaced_<time>/``. Without it such a run refuses to start."""
+    allow_config_change: bool = False
+    """Resume even when a setting that changes the run's meaning (model shape, cameras, frames, resolution,
+    batch size, seed, ...) differs from the job's config.json."""
     async_save: bool = True
     """Write files from a background thread (upstream: async). Rank 0 then holds the gathered model, EMA and
-    optimizer state at once; set false on hosts short of memory. The offloaded optimizer always saves in place."""
+    optimizer state at once; set false on hosts short of memory. The offloaded optimizer always saves in place.
+    A failed background write stops the run at the next step."""
 
 
 @dataclass
@@ -182,6 +195,9 @@ class TrainerConfig:
     the measured 1-GPU step; library workspaces)."""
     activation_gib: float = 0.0
     """Activation peak the memory plan budgets for (0: estimated from the recipe; set a measured figure)."""
+    max_nonfinite_steps: int = 10
+    """Stop the run (with an error naming the step and its clips) after this many consecutive steps with a
+    non-finite loss or gradient norm (each is skipped); 0 never stops."""
 
 
 @dataclass
@@ -217,8 +233,30 @@ class Config:
             bad("model.precision", f"{m.precision!r} is not one of {PRECISIONS}")
         if not 0 <= m.text_dropout <= 1:
             bad("model.text_dropout", f"{m.text_dropout} must be in [0, 1]")
-        if o.lr <= 0 or o.grad_clip < 0 or o.warmup_steps < 0:
-            bad("optimizer", f"lr={o.lr} must be > 0, grad_clip={o.grad_clip} and warmup_steps={o.warmup_steps} >= 0")
+        finite = math.isfinite
+        if not (finite(o.lr) and o.lr > 0):
+            bad("optimizer.lr", f"{o.lr} must be finite and > 0")
+        if len(o.betas) != 2 or not all(finite(b) and 0 <= b < 1 for b in o.betas):
+            bad("optimizer.betas", f"{o.betas} must be two values in [0, 1)")
+        if not (finite(o.eps) and o.eps > 0):
+            bad("optimizer.eps", f"{o.eps} must be finite and > 0")
+        if not (finite(o.weight_decay) and o.weight_decay >= 0):
+            bad("optimizer.weight_decay", f"{o.weight_decay} must be finite and >= 0")
+        if not (finite(o.grad_clip) and o.grad_clip >= 0):
+            bad("optimizer.grad_clip", f"{o.grad_clip} must be finite and >= 0 (0 disables clipping)")
+        if o.warmup_steps < 0:
+            bad("optimizer.warmup_steps", f"{o.warmup_steps} must be >= 0")
+        if not (finite(o.warmup_start) and 0 <= o.warmup_start <= 1):
+            bad("optimizer.warmup_start", f"{o.warmup_start} must be in [0, 1]")
+        if o.offload_threads < 0:
+            bad("optimizer.offload_threads", f"{o.offload_threads} must be >= 0")
+        for key in ("sigma_data", "p_std"):
+            if not (finite(getattr(m, key)) and getattr(m, key) > 0):
+                bad(f"model.{key}", f"{getattr(m, key)} must be finite and > 0")
+        if not finite(m.p_mean):
+            bad("model.p_mean", f"{m.p_mean} must be finite")
+        if t.max_nonfinite_steps < 0:
+            bad("trainer.max_nonfinite_steps", f"{t.max_nonfinite_steps} must be >= 0 (0: never stop)")
         if not 0 < self.ema.rate < 0.28:
             bad("ema.rate", f"{self.ema.rate} must be in (0, 0.28) (power EMA sigma_rel)")
         if c.save_iter < 1 or c.keep_last < 0:
@@ -298,7 +336,7 @@ def _parse_value(text: str, typ: Any, key: str) -> Any:
         except json.JSONDecodeError:
             if origin is dict:
                 raise ValueError(f"override {key}={text!r}: expected a JSON object") from None
-            val = [v for v in text.split(",") if v]  # a,b,c shorthand
+            val = [v.strip() for v in text.strip("[]()").split(",") if v.strip()]  # a,b,c or [nan,0.9] (not JSON)
         if origin is dict:
             if not isinstance(val, dict):
                 raise ValueError(f"override {key}={text!r}: expected a JSON object")

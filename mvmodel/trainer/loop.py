@@ -9,11 +9,22 @@ loader's (seed, epoch, position). Global RNG states are saved too (for user code
 
 Non-finite steps. When the loss or the gradient norm is NaN/Inf on any rank, the update (optimizer, EMA) is
 skipped on every rank, the gradients dropped, and ``skipped_steps`` counted; the iteration still advances.
+``trainer.max_nonfinite_steps`` consecutive such steps stop the run with an error naming the step and the
+clips of the batch; weights that are not finite are never saved.
+
+The job folder. Rank 0 holds a lock on it (``train.lock``: host and pid) for the run's lifetime. A run that does
+not resume refuses to start where checkpoints exist (unless ``checkpoint.overwrite``, which moves them aside);
+a resumed run verifies the checkpoint set (falling back to an older intact one) and compares its config with the
+job's ``config.json`` (kept as it is; a changed config is written next to it as ``config_resume_N.json``).
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import json
 import os
 import random
+import socket
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -28,10 +39,91 @@ from ..diffusion.conditioning import condition_from_batch, video_to_model_range
 from ..networks import MultiviewDiT, load_cosmos_checkpoint, preset
 from ..tokenizer import load_tokenizer
 from . import checkpoint as ckpt
-from .ema import PowerEMA
+from .ema import PowerEMA, local_tensor
 from .memory_plan import cap_gpu_memory, plan_for_config
 from .monitor import Monitor, host_rss_gib
 from .parallelize import DTYPES, DistInfo, TrainableDiffusion, apply_parallelism, init_distributed, resolve_gpu_kind
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on without producing garbage (diverged, non-finite weights); the message says why."""
+
+
+# Settings that change what a resumed run computes (shapes, cameras, samples, noise): a resume refuses them
+# unless checkpoint.allow_config_change. Other changes (lr, max_iter, ...) are allowed and reported.
+BREAKING_KEYS = ("model.net", "model.net_overrides", "model.sigma_data", "data.view_keys", "data.num_frames",
+                 "data.video_size", "data.batch_size", "data.sequence_interval", "data.start_frame_interval",
+                 "data.caption_policy", "trainer.seed")
+# Flags about how to start, not what to compute.
+IGNORED_KEYS = ("checkpoint.resume", "checkpoint.overwrite", "checkpoint.allow_config_change",
+                "trainer.max_steps_per_run")
+
+
+def config_changes(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
+    """``section.key -> (old, new)`` for every differing setting (JSON values)."""
+    out = {}
+    for sec in sorted(set(old) | set(new)):
+        a, b = old.get(sec), new.get(sec)
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in sorted(set(a) | set(b)):
+                if a.get(key) != b.get(key) and f"{sec}.{key}" not in IGNORED_KEYS:
+                    out[f"{sec}.{key}"] = (a.get(key), b.get(key))
+        elif a != b:
+            out[sec] = (a, b)
+    return out
+
+
+class JobLock:
+    """An exclusive ``flock`` on ``<job>/train.lock`` holding "host pid". The kernel drops the lock when its
+    process dies, so a lock left by a killed run is taken over (with a warning); a live holder is named."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.fd = Path(path), None
+
+    def acquire(self) -> str | None:
+        """Take the lock or raise naming its holder; returns a warning when a dead holder's lock is taken over."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown process"
+            os.close(fd)
+            raise ckpt.CheckpointError(f"job folder {self.path.parent} is in use by another training run ({holder}; "
+                                       f"lock file {self.path}): stop that run, or start this one with another "
+                                       f"job.name") from None
+        previous = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"host {socket.gethostname()} pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+                  .encode(), 0)
+        os.fsync(fd)
+        self.fd = fd
+        if previous:
+            return f"took over the lock {self.path} left by a run that is gone ({previous})"
+        return None
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)  # empty = free; the file stays (unlinking races with a waiting opener)
+            os.close(self.fd)  # closing drops the flock
+            self.fd = None
+
+
+def describe_batch(batch: dict, dataset_dir: str | os.PathLike) -> str:
+    """Which clips a batch came from, with the files to look at (``__key__`` or ``clip_name`` from the
+    dataset), so that a non-finite step can be traced to its data."""
+    keys = batch.get("__key__", batch.get("clip_name"))
+    if keys is None:
+        return "a batch without clip names"
+    keys = [keys] if isinstance(keys, str) else list(keys)
+    starts = batch.get("start_frame")
+    starts = starts.tolist() if isinstance(starts, torch.Tensor) else ([starts] if isinstance(starts, int) else starts)
+    parts = []
+    for i, k in enumerate(keys):
+        start = f", start frame {starts[i]}" if starts is not None and i < len(starts) else ""
+        parts.append(f"clip {k}{start} ({Path(dataset_dir) / 'videos' / '*' / f'{k}.mp4'}, "
+                     f"{Path(dataset_dir) / 't5_xxl' / '*' / f'{k}.pickle'})")
+    return "; ".join(parts)
 
 
 def warmup_multiplier(iteration: int, warmup_steps: int, start: float) -> float:
@@ -70,9 +162,16 @@ class Trainer:
         self.cfg = cfg.validate()
         owns_group = not dist.is_initialized()
         self.info: DistInfo = init_distributed(cfg.trainer.device)
+        self._lock: JobLock | None = None
+        self.monitor = None
         try:
             self._setup(progress, with_data)
         except BaseException:
+            if getattr(self, "checkpointer", None) is not None:
+                with contextlib.suppress(Exception):  # the setup error is the one to report
+                    self.checkpointer.close()
+            if self._lock is not None:
+                self._lock.release()
             if owns_group and dist.is_initialized():  # leave no half-built process group behind
                 dist.destroy_process_group()
             raise
@@ -88,12 +187,15 @@ class Trainer:
         self.offload = cfg.optimizer.cpu_offload
         # The offloaded optimizer's dicts are views of live buffers: those must be written before training goes on.
         self.checkpointer = ckpt.Checkpointer(self.job_dir / "checkpoints", cfg.checkpoint.keep_last, self.info.rank,
-                                              async_save=cfg.checkpoint.async_save and not self.offload)
+                                              async_save=cfg.checkpoint.async_save and not self.offload,
+                                              prune_models=cfg.checkpoint.prune_models, log=self._log)
         self.use_fsdp = not (self.offload and self.info.world_size == 1)
         if self.offload and self.use_fsdp:
             raise ValueError("optimizer.cpu_offload is for a single GPU; with several GPUs FSDP shards the states")
 
-        resume_from = self.checkpointer.latest() if cfg.checkpoint.resume else None
+        resume_from, config_name = self._on_main(self._prepare_job_folder)
+        if not with_data:
+            resume_from = None
         # Context parallelism: ranks d*cp .. d*cp+cp-1 share data-parallel rank d (one sample stream, one noise).
         self.cp_size = cfg.parallel.context_parallel_size
         if self.info.world_size % self.cp_size:
@@ -113,8 +215,9 @@ class Trainer:
             self.ema = PowerEMA(self.params, cfg.ema.rate)
         self.tokenizer = self._build_tokenizer() if with_data else None
         self.dataset, self.loader = self._build_data() if with_data else ([], None)
-        self.iteration, self.skipped_steps = 0, 0
-        if resume_from is not None and with_data:
+        self.iteration, self.skipped_steps, self.nonfinite_run = 0, 0, 0
+        self.resumed_from = resume_from
+        if resume_from is not None:
             self._resume(resume_from)
         net_cfg = self.model.net.config
         V, T, (H, W) = len(cfg.data.view_keys), cfg.data.num_frames, cfg.data.video_size
@@ -123,7 +226,7 @@ class Trainer:
             W // 8 // net_cfg.patch_spatial)
         fwd = self.model.net.forward_flops(self.tokens_per_sample)
         self.monitor = Monitor(self.job_dir, enabled=self.info.is_main, start=self.iteration, total=cfg.trainer.max_iter,
-                               config=cfg.to_dict(), logging_iter=cfg.trainer.logging_iter,
+                               config=cfg.to_dict(), config_name=config_name, logging_iter=cfg.trainer.logging_iter,
                                step_flops=3 * fwd * cfg.data.batch_size / self.cp_size,
                                tokens_per_step=self.tokens_per_sample * cfg.data.batch_size * self.dp_size,
                                device=dev, progress=progress)
@@ -132,6 +235,102 @@ class Trainer:
                            f"{dev.type} ({self.info.backend}), {sum(p.numel() for p in self.params) / 1e6:.2f}M "
                            f"parameters, {self.tokens_per_sample} tokens/sample, {len(self.dataset)} samples; {where}; "
                            f"job folder {self.job_dir}; {self._parallel_note}")
+
+    # ------------------------------------------------------------------------------------------ job folder
+    def _log(self, text: str) -> None:
+        if self.monitor is not None:
+            self.monitor.write(text)
+        elif self.info.is_main:
+            print(text, flush=True)
+
+    def _on_main(self, fn):
+        """Run ``fn`` on rank 0 only (file-system checks, the lock) and hand its result, or its error, to every
+        rank, so that no rank is left waiting in a collective when rank 0 refuses to start."""
+        out = [None, None]
+        if self.info.is_main:
+            try:
+                out[0] = fn()
+            except (ValueError, FileNotFoundError, RuntimeError) as exc:
+                if self.info.world_size == 1:
+                    raise
+                out[1] = f"{type(exc).__name__}: {exc}"
+                err = exc
+        if self.info.world_size > 1:
+            dist.broadcast_object_list(out, src=0)
+        if out[1] is not None:
+            if self.info.is_main:
+                raise err
+            raise ckpt.CheckpointError(f"rank 0 refused to start: {out[1]}")
+        return out[0]
+
+    def _prepare_job_folder(self) -> tuple[int | None, str | None]:
+        """Rank 0: lock the job folder; choose the checkpoint to resume (verified) or refuse to start over one;
+        compare the config. Returns (iteration to resume or None, config file name to write or None)."""
+        c, cp = self.cfg.checkpoint, self.checkpointer
+        self._lock = JobLock(self.job_dir / "train.lock")
+        warning = self._lock.acquire()
+        if warning:
+            self._log(f"[mvmodel.train] warning: {warning}")
+        resume_from, notes = None, []
+        if c.resume:
+            try:
+                resume_from, notes = cp.find_resumable()
+            except ckpt.CheckpointError as exc:
+                if not c.overwrite:
+                    raise
+                notes = [f"{exc}"]
+        for note in notes:
+            self._log(f"[mvmodel.train] warning: {note}")
+        if resume_from is not None:
+            return resume_from, self._compare_config(resume_from)
+        held = cp.held()
+        if held:
+            if not c.overwrite:
+                why = "checkpoint.resume=false" if not c.resume else "none of them can be resumed"
+                raise ckpt.CheckpointError(
+                    f"{cp.dir} already holds checkpoints of iteration(s) {held} (iter_{held[-1]:09d}_*.pt, ...) and "
+                    f"this run would start over ({why}). To continue that run: checkpoint.resume=true; to start a new "
+                    f"one: another job.name, or checkpoint.overwrite=true (moves them to "
+                    f"{self.job_dir}/replaced_<time>/)")
+            dest = self.job_dir / f"replaced_{time.strftime('%Y%m%d-%H%M%S')}"
+            dest.mkdir(parents=True)
+            moved = cp.move_aside(dest / "checkpoints")
+            for p in sorted(self.job_dir.glob("config*.json")) + [self.job_dir / "metrics.jsonl",
+                                                                  self.job_dir / "tensorboard"]:
+                if p.exists():
+                    os.replace(p, dest / p.name)
+                    moved.append(p.name)
+            self._log(f"[mvmodel.train] checkpoint.overwrite=true: moved the checkpoints of iteration(s) {held} "
+                      f"({len(moved)} files) to {dest}; delete that folder to free the space")
+        return None, "config.json"
+
+    def _compare_config(self, n: int) -> str | None:
+        """Refuse a resume whose config changes a breaking setting (unless allowed); never rewrite config.json:
+        a changed config is written as ``config_resume_{n}.json``. Returns the file name to write, or None."""
+        saved = sorted(self.job_dir.glob("config_resume_*.json"))
+        saved = [p for p in saved if p.stem[len("config_resume_"):].isdigit() and int(p.stem[14:]) <= n]
+        path = saved[-1] if saved else self.job_dir / "config.json"
+        if not path.is_file():
+            self._log(f"[mvmodel.train] warning: {path} is missing; writing the current config there")
+            return "config.json"
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{path}: cannot read the job's config to compare with ({exc})") from exc
+        new = json.loads(json.dumps(self.cfg.to_dict(), default=str))
+        changes = config_changes(old, new)
+        if not changes:
+            return None
+        listed = ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in ((k, *v) for k, v in changes.items()))
+        breaking = [k for k in changes if k in BREAKING_KEYS]
+        if breaking and not self.cfg.checkpoint.allow_config_change:
+            raise ValueError(f"resuming {self.job_dir} from iteration {n} with settings that change the run "
+                             f"({', '.join(breaking)}) against {path}: {listed}. Use the saved values, a new "
+                             f"job.name, or checkpoint.allow_config_change=true if this is intended")
+        name = f"config_resume_{n:09d}.json"
+        self._log(f"[mvmodel.train] resuming with changed settings ({listed}); {path.name} is kept, the new config "
+                  f"is written to {self.job_dir / name}")
+        return name
 
     # ------------------------------------------------------------------------------------------ building
     def _build_model(self, load_pretrained: bool) -> TrainableDiffusion:
@@ -155,13 +354,14 @@ class Trainer:
         self._start_note = "random init"
         path = self.cfg.checkpoint.load_path
         if load_pretrained and path:
-            if os.path.isfile(path):
-                report = load_cosmos_checkpoint(model, path, strict=self.cfg.checkpoint.load_strict)
-                self._start_note = f"initialised from {path} ({len(report.loaded)} tensors loaded)"
-                if self.info.is_main:
-                    print(f"[mvmodel.train] loaded {path}:\n{report}", flush=True)
-            elif self.info.is_main:
-                print(f"[mvmodel.train] checkpoint.load_path={path} not found: starting from random weights", flush=True)
+            if not os.path.isfile(path):  # a typo must not silently train from random weights
+                raise FileNotFoundError(f"checkpoint.load_path={path}: no such file (working directory "
+                                        f"{os.getcwd()}); download the pretrained model there, fix the path, or pass "
+                                        f"checkpoint.load_path=none to start from random weights")
+            report = load_cosmos_checkpoint(model, path, strict=self.cfg.checkpoint.load_strict)
+            self._start_note = f"initialised from {path} ({len(report.loaded)} tensors loaded)"
+            if self.info.is_main:
+                print(f"[mvmodel.train] loaded {path}:\n{report}", flush=True)
         return model
 
     def _build_optimizer(self):
@@ -224,10 +424,46 @@ class Trainer:
         if self.info.rank < len(rngs):
             set_rng_state(rngs[self.info.rank])
 
+    def _any_rank(self, flag: bool) -> bool:
+        t = torch.tensor([1.0 if flag else 0.0], device=self._reduce_device)
+        dist.all_reduce(t)
+        return bool(t.item() > 0)
+
+    def _stop_if_save_failed(self, failed: bool) -> None:
+        """Every rank stops when rank 0 could not write a checkpoint (``failed`` is already all-reduced)."""
+        if failed:
+            if self.info.is_main:
+                self.checkpointer.check()
+            raise ckpt.CheckpointError("rank 0 could not write a checkpoint (its error names the file); the run stops")
+
+    def _check_finite_weights(self, n: int) -> None:
+        """Refuse to save weights (or EMA weights) that hold NaN/Inf: a checkpoint must never be garbage."""
+        if self.offload:
+            named = [(b.names[0] + " .. " + b.names[-1], t) for b in self.optimizer.buckets
+                     for t in (b.master, b.ema) if t is not None]
+        else:
+            names = [name for name, _ in self.model.named_parameters()]
+            named = list(zip(names, (local_tensor(p) for p in self.params)))
+            if self.ema is not None:
+                named += [(f"EMA of {name}", t) for name, t in zip(names, self.ema.shadow)]
+        with torch.no_grad():
+            dev = named[0][1].device  # one host sync for the whole model, not one per tensor
+            sums = torch.stack([t.detach().sum(dtype=torch.float64).to(dev) for _, t in named]).cpu()
+        bad = [named[i][0] for i in torch.nonzero(~torch.isfinite(sums)).flatten().tolist()]
+        if self._any_rank(bool(bad)):
+            raise TrainingError(
+                f"iteration {n}: refusing to save non-finite weights ({', '.join(bad[:4]) or 'on another rank'}"
+                f"{' ...' if len(bad) > 4 else ''}); {self.checkpointer.dir / ckpt.LATEST} is left as it was "
+                f"(optimizer.lr={self.cfg.optimizer.lr}: a smaller learning rate may help)")
+
     def save(self) -> Path:
         """Write the checkpoint of the current iteration (a collective: every rank calls it)."""
         n, c, cp = self.iteration, self.cfg.checkpoint, self.checkpointer
-        cp.wait()  # the previous asynchronous save is on disk before this one starts
+        cp.drain()  # the previous asynchronous save is on disk (or failed) before this one starts
+        self._stop_if_save_failed(self._any_rank(cp.failed()))
+        if self.offload:
+            self.optimizer.synchronize()
+        self._check_finite_weights(n)
         reg_dtype = DTYPES[c.reg_model_dtype]
         main = self.info.is_main
         if self.offload:
@@ -258,7 +494,8 @@ class Trainer:
                    "skipped_steps": self.skipped_steps, "world_size": self.info.world_size,
                    "experiment": self.cfg.experiment}
         path = cp.commit(n, trainer)
-        ckpt.barrier()
+        # Synchronous saving: a failed write stops every rank here, at this save.
+        self._stop_if_save_failed(self._any_rank(cp.failed()))
         return path
 
     # ------------------------------------------------------------------------------------------ the loop
@@ -282,6 +519,7 @@ class Trainer:
             x0 = self.tokenizer.encode_views(video_to_model_range(video).to(self.tokenizer_dtype), V).float()
             x0 = x0 * cfg.model.sigma_data
         cond = condition_from_batch(batch, n_views=V, text_dropout=cfg.model.text_dropout, generator=gen, device=dev)
+        self._batch_desc = describe_batch(batch, cfg.data.dataset_dir)
         return self.optimize(x0, cond, gen)
 
     def optimize(self, x0: torch.Tensor, cond, gen: torch.Generator) -> dict[str, float]:
@@ -301,12 +539,16 @@ class Trainer:
             norm = torch.nn.utils.get_total_norm(grads, foreach=True)
             if hasattr(norm, "full_tensor"):
                 norm = norm.full_tensor()
+        # The 5th value carries "rank 0's background checkpoint write failed" to every rank at no extra cost.
+        failed = torch.tensor(1.0 if self.checkpointer.failed() else 0.0, device=loss.device)
         stats = torch.stack([loss.detach().float(), out["mse"].float(), out["edm"].float(),
-                             norm.float().to(loss.device)]).to(self._reduce_device)
+                             norm.float().to(loss.device), failed]).to(self._reduce_device)
+        local_loss_finite = bool(torch.isfinite(loss.detach()).item())
         dist.all_reduce(stats)  # sum over ranks; the norm is already global, so it is divided back
         ws = self.info.world_size
-        loss_v, mse_v, edm_v, norm_v = (stats / ws).tolist()
-        finite = bool(np.isfinite(stats.cpu().numpy()).all())
+        loss_v, mse_v, edm_v, norm_v, failed_v = (stats / ws).tolist()
+        self._stop_if_save_failed(failed_v > 0)
+        finite = bool(np.isfinite(stats[:4].cpu().numpy()).all())
         lr = cfg.optimizer.lr * warmup_multiplier(self.iteration, cfg.optimizer.warmup_steps, cfg.optimizer.warmup_start)
         clip = cfg.optimizer.grad_clip
         coef = min(1.0, clip / (norm_v + 1e-6)) if clip > 0 and finite else 1.0
@@ -321,14 +563,37 @@ class Trainer:
                 self.optimizer.step()
                 if self.ema is not None:
                     self.ema.update(self.params, self.iteration)
+            self.nonfinite_run = 0
         else:
             self.skipped_steps += 1
-            self.monitor.write(f"[mvmodel.train] iteration {self.iteration}: non-finite loss or gradient norm "
-                               f"(loss={loss_v}, grad_norm={norm_v}); step skipped ({self.skipped_steps} so far)")
+            self.nonfinite_run += 1
+            culprits = self._nonfinite_culprits(local_loss_finite)
+            self.monitor.write(f"[mvmodel.train] iteration {self.iteration + 1}: non-finite loss or gradient norm "
+                               f"(loss={loss_v}, grad_norm={norm_v}); step skipped ({self.skipped_steps} so far, "
+                               f"{self.nonfinite_run} in a row); batch: {culprits}")
+            limit = cfg.trainer.max_nonfinite_steps
+            if limit and self.nonfinite_run >= limit:
+                self.optimizer.zero_grad(set_to_none=True)
+                raise TrainingError(
+                    f"iteration {self.iteration + 1}: {self.nonfinite_run} consecutive steps with a non-finite loss "
+                    f"or gradient norm (trainer.max_nonfinite_steps={limit}; last loss={loss_v}, grad_norm={norm_v}); "
+                    f"last batch: {culprits}. The run stops without saving; the newest checkpoint is untouched")
         self.optimizer.zero_grad(set_to_none=True)
         self.iteration += 1
         return {"loss": loss_v, "mse": mse_v, "edm": edm_v, "grad_norm": norm_v, "lr": lr,
                 "skipped_steps": float(self.skipped_steps)}
+
+    def _nonfinite_culprits(self, local_loss_finite: bool) -> str:
+        """The batches of the ranks whose own loss was non-finite (all ranks' when only the global gradient
+        norm was): a collective, run only on a skipped step."""
+        mine = (local_loss_finite, getattr(self, "_batch_desc", None) or "latents passed to optimize()")
+        found = [mine]
+        if self.info.world_size > 1:
+            found = [None] * self.info.world_size
+            dist.all_gather_object(found, mine)
+        bad = [f"rank {r}: {d}" if len(found) > 1 else d for r, (ok, d) in enumerate(found) if not ok]
+        return "; ".join(bad) if bad else "; ".join(f"rank {r}: {d}" if len(found) > 1 else d
+                                                     for r, (_, d) in enumerate(found))
 
     @property
     def _reduce_device(self) -> torch.device:
@@ -345,7 +610,7 @@ class Trainer:
         losses: list[float] = []
         batches = self._batches()
         self.model.train()
-        last_saved = self.iteration if self.checkpointer.latest() == self.iteration else None
+        last_saved = self.resumed_from
         while self.iteration < stop:
             t0 = time.perf_counter()
             batch = next(batches)
@@ -360,17 +625,25 @@ class Trainer:
                 last_saved = self.iteration
         if last_saved != self.iteration:
             self.save()  # upstream: a final save unless one was just made
-        self.checkpointer.wait()
+        self.checkpointer.drain()
+        self._stop_if_save_failed(self._any_rank(self.checkpointer.failed()))
         if self.offload:
             self.optimizer.synchronize()
         return {"iteration": self.iteration, "losses": losses, "skipped_steps": self.skipped_steps,
                 "checkpoint_dir": str(self.checkpointer.dir)}
 
     def close(self) -> None:
-        self.checkpointer.close()
-        self.monitor.close()
-        if self.offload:
-            self.optimizer.close()
-        if dist.is_initialized():
-            dist.barrier()
-            dist.destroy_process_group()
+        """Finish pending writes, release the job folder and the process group. A write error not yet reported
+        is raised after everything is released."""
+        try:
+            self.checkpointer.close()
+        finally:
+            self.monitor.close()
+            if self.offload:
+                self.optimizer.close()
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
+            if dist.is_initialized():
+                dist.barrier()
+                dist.destroy_process_group()

@@ -46,7 +46,7 @@ class Monitor:
     """Everything is a no-op on ranks other than 0."""
 
     def __init__(self, job_dir: Path, *, enabled: bool, start: int, total: int, config: dict[str, Any],
-                 logging_iter: int, step_flops: float, tokens_per_step: int, device: torch.device,
+                 logging_iter: int, config_name: str | None = "config.json", step_flops: float, tokens_per_step: int, device: torch.device,
                  progress: bool = True) -> None:
         self.enabled, self.logging_iter = enabled, logging_iter
         self.step_flops, self.tokens = step_flops, tokens_per_step
@@ -56,7 +56,8 @@ class Monitor:
         if not enabled:
             return
         job_dir.mkdir(parents=True, exist_ok=True)
-        (job_dir / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
+        if config_name:  # a resumed run keeps the job's config.json (the trainer picks another name when it changed)
+            (job_dir / config_name).write_text(json.dumps(config, indent=2, default=str) + "\n")
         self.metrics = open(job_dir / "metrics.jsonl", "a", buffering=1)
         try:
             from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
