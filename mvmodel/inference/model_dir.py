@@ -278,8 +278,15 @@ def main(argv=None) -> None:
     a = ap.parse_args(argv)
     job = Path(a.job)
     ck = job / "checkpoints"
-    weights = ck / f"iter_{a.iteration:09d}_ema_model.pt" if a.iteration is not None else latest_ema(ck)
-    spec = _from_job(job, weights)
+    try:  # user errors: one line, not a traceback
+        if not ck.is_dir():
+            raise FileNotFoundError(f"--job {job}: no checkpoints/ folder (expected a trainer job folder)")
+        weights = ck / f"iter_{a.iteration:09d}_ema_model.pt" if a.iteration is not None else latest_ema(ck)
+        if not weights.is_file():
+            raise FileNotFoundError(f"--iteration {a.iteration}: {weights} does not exist")
+        spec = _from_job(job, weights)
+    except (ValueError, FileNotFoundError) as exc:
+        ap.exit(2, f"{ap.prog}: error: {exc}\n")
     extra = {"fps": a.fps} if a.fps else {}
     tok = spec.tokenizer_dir if spec.tokenizer_dir == "builtin" else (
         os.path.abspath(spec.tokenizer_dir) if spec.tokenizer_dir else None)
