@@ -67,7 +67,7 @@ def export_tokenizer(ds: Path, out: Path, num_frames: int, size: tuple[int, int]
         return tok_dir
     r = export_normalised_tokenizer(ds, tok_dir, num_frames, size)
     _log(f"tokenizer: built-in 8x8x8 space-to-depth exported to {tok_dir} (TorchScript, upstream layout), latent "
-         f"std per channel {r['std_min']:.3f}..{r['std_max']:.3f} normalised to 1")
+         f"std per channel {r['std_min']:.3f}..{r['std_max']:.3f}, divided by their RMS {r['std']:.3f}")
     return tok_dir
 
 
