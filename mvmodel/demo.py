@@ -167,7 +167,7 @@ def sample(job_dir: Path, ds: Path, out: Path, device: str, num_steps: int, guid
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m mvmodel.demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="outputs/demo", help="folder for the dataset, checkpoints and videos")
-    ap.add_argument("--steps", type=int, default=800, help="training iterations")
+    ap.add_argument("--steps", type=int, default=300, help="training iterations")
     ap.add_argument("--device", default="auto", help="auto (GPU when present), cpu or cuda")
     ap.add_argument("--sample_steps", type=int, default=35, help="Euler steps of the sampler (upstream: 35)")
     ap.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance (upstream: 7)")

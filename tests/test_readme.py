@@ -3,7 +3,7 @@
 Runs every line of the code block after the "tests/test_readme.py runs the next code block" marker, in a temporary
 folder, then checks what a user would look at: the trainer's checkpoints, and the generated mp4: 5 cameras x 25
 frames at 10 fps showing the synthetic scene (each camera's picture correlates with that camera's real clips,
-its fine detail is not noise, and it moves).
+it is not blotchy noise, and it moves).
 """
 from __future__ import annotations
 
@@ -56,8 +56,18 @@ def _frames(path: Path) -> tuple[np.ndarray, float]:
 
 
 def _detail(x: np.ndarray) -> float:
-    """Mean absolute difference of neighbouring pixels: noise shows up as far more detail than the real clips."""
+    """Mean absolute difference of neighbouring pixels: grain inside the blocks (~1.5x the real clips' when the
+    faint high-frequency latent channels are left noisy)."""
     return float(np.abs(np.diff(x, axis=2)).mean() + np.abs(np.diff(x, axis=1)).mean())
+
+
+def _blotches(x: np.ndarray) -> float:
+    """Mean absolute difference of neighbouring 8x8-block means (one block = one latent pixel): an undertrained
+    model paints every block its own colour (measured ~2x the real clips'), the real scene is smooth sky, verge
+    and road with a few edges."""
+    T, H, W, C = x.shape
+    b = x.reshape(T, H // 8, 8, W // 8, 8, C).mean((2, 4))
+    return float(np.abs(np.diff(b, axis=2)).mean() + np.abs(np.diff(b, axis=1)).mean())
 
 
 @pytest.mark.slow
@@ -93,5 +103,6 @@ def test_readme_cpu_walkthrough(tmp_path):
         a = gen.mean(0).reshape(8, 8, 12, 8, 3).mean((1, 3)).ravel()
         b = real.mean(0).reshape(8, 8, 12, 8, 3).mean((1, 3)).ravel()
         assert np.corrcoef(a, b)[0, 1] > 0.8, cam
-        assert _detail(gen) < 1.25 * _detail(real), f"{cam}: noisy ({_detail(gen):.1f} vs real {_detail(real):.1f})"
+        assert _blotches(gen) < 1.4 * _blotches(real), f"{cam}: blotchy ({_blotches(gen):.1f} vs real {_blotches(real):.1f})"
+        assert _detail(gen) < 1.3 * _detail(real), f"{cam}: grainy ({_detail(gen):.1f} vs real {_detail(real):.1f})"
         assert np.abs(np.diff(gen, axis=0)).mean() > 1.0, f"{cam}: no motion"
