@@ -63,8 +63,8 @@ def _detail(x: np.ndarray) -> float:
 
 def _blotches(x: np.ndarray) -> float:
     """Mean absolute difference of neighbouring 8x8-block means (one block = one latent pixel): an undertrained
-    model paints every block its own colour (measured ~2x the real clips'), the real scene is smooth sky, verge
-    and road with a few edges."""
+    model paints every block its own colour (measured 1.2-2.2x the real clips'; a sample showing the scene:
+    0.9-1.05x), the real scene is smooth sky, verge and road with a few edges."""
     T, H, W, C = x.shape
     b = x.reshape(T, H // 8, 8, W // 8, 8, C).mean((2, 4))
     return float(np.abs(np.diff(b, axis=2)).mean() + np.abs(np.diff(b, axis=1)).mean())
@@ -103,6 +103,6 @@ def test_readme_cpu_walkthrough(tmp_path):
         a = gen.mean(0).reshape(8, 8, 12, 8, 3).mean((1, 3)).ravel()
         b = real.mean(0).reshape(8, 8, 12, 8, 3).mean((1, 3)).ravel()
         assert np.corrcoef(a, b)[0, 1] > 0.8, cam
-        assert _blotches(gen) < 1.4 * _blotches(real), f"{cam}: blotchy ({_blotches(gen):.1f} vs real {_blotches(real):.1f})"
+        assert _blotches(gen) < 1.2 * _blotches(real), f"{cam}: blotchy ({_blotches(gen):.1f} vs real {_blotches(real):.1f})"
         assert _detail(gen) < 1.3 * _detail(real), f"{cam}: grainy ({_detail(gen):.1f} vs real {_detail(real):.1f})"
         assert np.abs(np.diff(gen, axis=0)).mean() > 1.0, f"{cam}: no motion"

@@ -5,8 +5,7 @@
 
 The built-in 8x8x8 space-to-depth tokenizer has no weights, but its raw latents are far from unit variance
 (per-channel std ~0.02..0.5), which the EDM sampler (sigma_data 0.5, noise from sigma 80) does not tolerate. Like
-the real tokenizer's ``mean_std.pt``, this measures the latent mean (per channel) and scale (one for all channels)
-on clips of the dataset and writes them next to ``encoder.jit`` / ``decoder.jit``, so the trainer and the inference CLI load it as they load
+the real tokenizer's ``mean_std.pt``, this measures the latent mean and scale per channel on clips of the dataset and writes them next to ``encoder.jit`` / ``decoder.jit``, so the trainer and the inference CLI load it as they load
 ``Cosmos-Tokenize1-CV8x8x8-720p``.
 """
 from __future__ import annotations
@@ -32,17 +31,19 @@ def export_normalised_tokenizer(dataset_dir: str | Path, out: str | Path, num_fr
     idx = np.linspace(0, len(data) - 1, min(samples, len(data))).round().astype(int)
     z = torch.cat([tok.encode(video_to_model_range(data[int(i)]["video"][None])) for i in idx])  # [N,16,V*T',h,w]
     mean = z.mean(dim=(0, 2, 3, 4))
-    # ONE std for all channels (the RMS of the per-channel stds): the basis is orthonormal, so the diffusion loss in
-    # latent space stays proportional to the pixel-space error. Per-channel stds would blow the 13 faint
-    # high-frequency channels (std ~0.02) up to the weight of the colour/brightness ones, and the short CPU runs
-    # then spend their capacity on invisible texture and sample blotchy colour noise.
-    per_channel = z.std(dim=(0, 2, 3, 4))
-    std = per_channel.pow(2).mean().sqrt().clamp_min(1e-3).expand(16).clone()
+    # Scale each channel by the geometric mean of its std and the RMS of all channels' stds. Per-channel stds (as a
+    # learned tokenizer's mean_std.pt) would blow the 13 faint high-frequency channels (std ~0.02) up to the loss
+    # weight of the colour/brightness ones (std ~0.5): short CPU runs then learn invisible texture and sample
+    # blotchy colour. One scale for all (latent MSE = pixel MSE, the basis being orthonormal) leaves the faint
+    # channels so little weight that they stay grainy noise. Halfway: loss weight proportional to the std.
+    per_channel = z.std(dim=(0, 2, 3, 4)).clamp_min(1e-4)
+    rms = per_channel.pow(2).mean().sqrt()
+    std = (per_channel * rms).sqrt()
     out = Path(out)
     tok.export_torchscript(out)
     Tl = tok.latent_chunk_duration
     torch.save((mean[:, None].expand(16, Tl).clone(), std[:, None].expand(16, Tl).clone()), out / "mean_std.pt")
-    return {"std_min": float(per_channel.min()), "std_max": float(per_channel.max()), "std": float(std[0]),
+    return {"std_min": float(per_channel.min()), "std_max": float(per_channel.max()), "std": float(rms),
             "clips": len(idx)}
 
 
@@ -71,7 +72,8 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, FileNotFoundError) as exc:
         sys.exit(f"mvmodel.tokenizer.export: error: {exc}")
     print(f"built-in tokenizer -> {a.out} (encoder.jit, decoder.jit, mean_std.pt); latent std per channel "
-          f"{r['std_min']:.3f}..{r['std_max']:.3f} measured on {r['clips']} clips, divided by their RMS {r['std']:.3f}")
+          f"{r['std_min']:.3f}..{r['std_max']:.3f} measured on {r['clips']} clips, each divided by sqrt(its std x "
+          f"their RMS {r['std']:.3f})")
 
 
 if __name__ == "__main__":
