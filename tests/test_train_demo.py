@@ -25,7 +25,7 @@ def test_demo_end_to_end(tmp_path, capsys):
     for path in (res["sample"], res["reference"]):
         with av.open(str(path)) as c:
             frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
-        assert len(frames) == 9 and frames[0].shape == (128, 288, 3)  # 2x3 grid of 64x96 views
+        assert len(frames) == 25 and frames[0].shape == (128, 288, 3)  # 2x3 grid of 64x96 views, 25 frames
         assert np.asarray(frames).std() > 1.0  # not a blank video
 
 

@@ -111,9 +111,15 @@ def main(argv=None) -> None:
     ap.add_argument("--batch_size", type=int, default=16)
     ap.add_argument("--overwrite", action="store_true")
     a = ap.parse_args(argv)
-    encoder = T5TextEncoder(a.t5_dir, a.device, getattr(torch, a.dtype))
-    views = [v for v in a.view_keys.split(",") if v] if a.view_keys else None
-    n = encode_dataset(a.dataset_path, encoder, a.prompt, views, a.overwrite, a.batch_size)
+    try:  # user errors (missing folders, bad layout): one line, not a traceback
+        if not Path(a.dataset_path, "videos").is_dir():
+            raise FileNotFoundError(f"--dataset_path {a.dataset_path}: no videos/ folder (expected upstream's "
+                                    f"layout videos/<view>/<clip>.mp4)")
+        encoder = T5TextEncoder(a.t5_dir, a.device, getattr(torch, a.dtype))
+        views = [v for v in a.view_keys.split(",") if v] if a.view_keys else None
+        n = encode_dataset(a.dataset_path, encoder, a.prompt, views, a.overwrite, a.batch_size)
+    except (ValueError, FileNotFoundError) as exc:
+        ap.exit(2, f"{ap.prog}: error: {exc}\n")
     print(f"{a.dataset_path}: {n['views']} views, wrote {n['metas_written']} captions and "
           f"{n['pickles_written']} pickles ({n['texts_encoded']} distinct texts encoded)")
 

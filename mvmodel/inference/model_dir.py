@@ -173,8 +173,25 @@ def _from_job(job: Path, weights: Path) -> ModelSpec:
         defaults["num_video_frames"] = int(data["num_frames"])
     if data.get("video_size"):
         defaults["height"], defaults["width"] = (int(v) for v in data["video_size"])
+    fps = _dataset_fps(data.get("dataset_dir"), (data.get("view_keys") or [None])[0])
+    if fps:
+        defaults["fps"] = fps
     tok = model.get("tokenizer_dir", "builtin") or "builtin"
     return ModelSpec(weights, cfg, _slots(cfg.camera_names, None, str(cfg_path)), str(cfg_path), defaults, tok)
+
+
+def _dataset_fps(dataset_dir: str | None, view: str | None) -> float | None:
+    """fps of the job's training clips, when they are still there: the RoPE time scale at inference must be the
+    one the net was trained with (spec §11.4), and the trainer config does not record it."""
+    if not dataset_dir or not view:
+        return None
+    try:
+        from ..data.decoders import probe
+
+        first = min((Path(dataset_dir) / "videos" / view).glob("*.mp4"))
+        return float(probe(first).fps) or None
+    except (ValueError, OSError, ImportError):  # no clip left, unreadable, PyAV missing: the CLI default applies
+        return None
 
 
 def latest_ema(checkpoints: Path) -> Path:
@@ -261,8 +278,15 @@ def main(argv=None) -> None:
     a = ap.parse_args(argv)
     job = Path(a.job)
     ck = job / "checkpoints"
-    weights = ck / f"iter_{a.iteration:09d}_ema_model.pt" if a.iteration is not None else latest_ema(ck)
-    spec = _from_job(job, weights)
+    try:  # user errors: one line, not a traceback
+        if not ck.is_dir():
+            raise FileNotFoundError(f"--job {job}: no checkpoints/ folder (expected a trainer job folder)")
+        weights = ck / f"iter_{a.iteration:09d}_ema_model.pt" if a.iteration is not None else latest_ema(ck)
+        if not weights.is_file():
+            raise FileNotFoundError(f"--iteration {a.iteration}: {weights} does not exist")
+        spec = _from_job(job, weights)
+    except (ValueError, FileNotFoundError) as exc:
+        ap.exit(2, f"{ap.prog}: error: {exc}\n")
     extra = {"fps": a.fps} if a.fps else {}
     tok = spec.tokenizer_dir if spec.tokenizer_dir == "builtin" else (
         os.path.abspath(spec.tokenizer_dir) if spec.tokenizer_dir else None)

@@ -63,8 +63,25 @@ class LoadReport:
     def ok(self) -> bool:
         return not (self.missing or self.unexpected or self.mismatched)
 
+    def _skip_reasons(self) -> str:
+        """The skipped keys grouped by why they are not loaded."""
+        groups: dict[str, list[str]] = {}
+        for key in self.skipped:
+            why = ("Transformer Engine FP8 state, no weights" if key.endswith("_extra_state") else
+                   "EDM uncertainty head logvar.*, used in training only" if key.startswith("logvar.") else
+                   "repeat-frame embedding, folded into the view embedding" if "repeat_frame" in key else
+                   "not part of this model")
+            groups.setdefault(why, []).append(key)
+        return "; ".join(f"{len(v)} {why}: {', '.join(v[:3])}{' ...' if len(v) > 3 else ''}" for why, v in groups.items())
+
     def __str__(self) -> str:
-        lines = [f"loaded {len(self.loaded)} tensors, skipped {len(self.skipped)}, remapped {len(self.remapped)}"]
+        head = f"loaded {len(self.loaded)} tensors"
+        if self.skipped:
+            head += f", skipped {len(self.skipped)} checkpoint entries this model does not use ({self._skip_reasons()})"
+        if self.remapped:
+            head += (f", remapped {len(self.remapped)} to this model's cameras ({', '.join(self.remapped[:4])}"
+                     f"{' ...' if len(self.remapped) > 4 else ''})")
+        lines = [head]
         for name, items in (("missing", self.missing), ("unexpected", self.unexpected)):
             if items:
                 lines.append(f"{name} ({len(items)}): {', '.join(items[:8])}{' ...' if len(items) > 8 else ''}")

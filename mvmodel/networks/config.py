@@ -145,6 +145,16 @@ _IGNORED_UPSTREAM = {
     "extra_per_block_abs_pos_emb_type": ("sincos", "learnable"),
     "_target_": None,
     "_recursive_": None,
+    # The training GeneralDIT's signature (composed into the Waymo training net config by LazyCall):
+    "additional_timestamp_channels": (None, {}),  # SDXL-style extra embedders: none in the multiview nets
+    "window_block_indexes": ([], ()),  # no windowed-attention blocks
+    "window_sizes": ([], ()),
+    # Inert for "FA-CA-MLP": only the spatial/temporal sub-blocks (SSA/TSA, refused by DiTConfig) read these,
+    # and only the fps-aware absolute embeddings (not rope3d) read min/max fps, so any value builds the same net.
+    "spatial_attn_win_size": None,
+    "temporal_attn_win_size": None,
+    "min_fps": None,
+    "max_fps": None,
 }
 
 
@@ -165,8 +175,9 @@ def from_upstream_kwargs(cfg: dict[str, Any], **options: Any) -> DiTConfig:
             kwargs[key] = value
         elif key in _IGNORED_UPSTREAM:
             allowed = _IGNORED_UPSTREAM[key]
-            if allowed is not None and value not in allowed:
-                raise ValueError(f"upstream config {key}={value!r} is not supported (supported: {allowed})")
+            if allowed is not None and not any(value == a and type(value) is type(a) or value is a for a in allowed):
+                shown = ", ".join(repr(a) for a in allowed)
+                raise ValueError(f"upstream config {key}={value!r} is not supported by MultiviewDiT (supported: {shown})")
             if key == "extra_per_block_abs_pos_emb_type" and value == "learnable":
                 # cosmos-multiview.md §11.1: the multiview nets build the sin-cos embedding whatever this says.
                 warnings.warn("extra_per_block_abs_pos_emb_type='learnable' is built as 'sincos', as upstream's "

@@ -1,0 +1,145 @@
+"""``python -m mvmodel.download``: file selection, dry run, Hub errors and the offline import, without network."""
+from __future__ import annotations
+
+import httpx2
+import pytest
+import torch
+from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+from mvmodel import download as dl
+from mvmodel.networks import MultiviewDiT, preset
+from mvmodel.tokenizer import SpaceToDepthTokenizer
+
+# What the three repositories hold (names and sizes as on the Hub; TF/Flax weights and extras must be left out).
+LISTING = {
+    "nvidia/Cosmos-Predict1-7B-Text2World-Sample-AV-Multiview": [
+        ("README.md", 9_000), ("model.pt", 14_470_000_000), ("config.json", 600), (".gitattributes", 1_500),
+        ("guardrail/aegis/model.pt", 1_000)],
+    "nvidia/Cosmos-Tokenize1-CV8x8x8-720p": [
+        ("autoencoder.jit", 400_000_000), ("encoder.jit", 200_000_000), ("decoder.jit", 200_000_000),
+        ("mean_std.pt", 2_000), ("image_mean_std.pt", 2_000), ("README.md", 5_000)],
+    "google-t5/t5-11b": [
+        ("config.json", 1_200), ("flax_model.msgpack", 45_000_000_000), ("pytorch_model.bin", 45_200_000_000),
+        ("tf_model.h5", 45_200_000_000), ("spiece.model", 792_000), ("tokenizer.json", 1_390_000),
+        ("generation_config.json", 147), ("README.md", 8_000)],
+}
+
+
+def _comps():
+    return dl.plan(dl.components(["7B"], ["Text2World-Sample-AV-Multiview"]), LISTING.__getitem__)
+
+
+def test_plan_selects_what_the_pipeline_reads():
+    dit, tok, t5 = _comps()
+    assert [n for n, _ in dit.files] == ["README.md", "model.pt", "config.json"]
+    assert dit.folder == "Cosmos-Predict1-7B-Text2World-Sample-AV-Multiview"
+    assert {n for n, _ in tok.files} == {"encoder.jit", "decoder.jit", "mean_std.pt", "image_mean_std.pt", "README.md"}
+    assert {n for n, _ in t5.files} == {"config.json", "pytorch_model.bin", "spiece.model", "tokenizer.json",
+                                        "generation_config.json"} and t5.folder == "google-t5/t5-11b"
+    total = sum(c.size for c in (dit, tok, t5))
+    assert total == pytest.approx(14.47e9 + 0.4e9 + 45.2e9, rel=1e-3)
+    # safetensors, when the repository has them, replace the .bin
+    t5b = dl.select_files(t5, LISTING["google-t5/t5-11b"] + [("model.safetensors", 45_000_000_000)])
+    assert "model.safetensors" in {n for n, _ in t5b} and "pytorch_model.bin" not in {n for n, _ in t5b}
+
+
+def test_dry_run_lists_files_and_sizes(monkeypatch, capsys):
+    monkeypatch.setattr(dl, "hub_listing", lambda repo, token=None: LISTING[repo])
+    monkeypatch.setattr(dl, "download", lambda *a: pytest.fail("dry run must not download"))
+    assert dl.main(["--model_sizes", "7B", "--model_types", "Text2World-Sample-AV-Multiview",
+                    "--checkpoint_dir", "ck", "--dry_run"]) == 0
+    out = capsys.readouterr().out
+    assert "model.pt" in out and "14.5 GB" in out and "total 60.1 GB" in out and "tf_model.h5" not in out
+    assert "ck/google-t5/t5-11b" in out and "dry run: nothing downloaded" in out
+
+
+def _response(code: int, repo: str) -> httpx2.Response:
+    return httpx2.Response(code, request=httpx2.Request("GET", f"https://huggingface.co/api/models/{repo}"))
+
+
+@pytest.mark.parametrize("exc_cls,code,token,expect", [
+    (GatedRepoError, 403, None, "gated and you are not logged in.*hf auth login"),
+    (GatedRepoError, 403, "hf_x", "not been granted access: accept the licence"),
+    (RepositoryNotFoundError, 401, None, "needs a login"),
+])
+def test_hub_errors_are_one_line(monkeypatch, capsys, exc_cls, code, token, expect):
+    repo = "nvidia/Cosmos-Predict1-7B-Text2World-Sample-AV-Multiview"
+
+    def refuse(r, token=None):
+        raise exc_cls("Access to model is restricted.", response=_response(code, r))
+
+    monkeypatch.setattr(dl, "hub_listing", refuse)
+    monkeypatch.setattr(dl, "_token", lambda: token)
+    assert dl.main(["--dry_run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and repo in err
+    assert __import__("re").search(expect, err), err
+
+
+def test_network_error_suggests_from_dir(monkeypatch, capsys):
+    def offline(r, token=None):
+        raise httpx2.ConnectError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(dl, "hub_listing", offline)
+    assert dl.main([]) == 2
+    assert "cannot reach huggingface.co" in capsys.readouterr().err and True
+
+
+def _fake_7b_state_dict(cfg) -> dict:
+    """The released net's tensor names and shapes, stored as broadcast zeros (a few bytes on disk each)."""
+    with torch.device("meta"):
+        own = MultiviewDiT(cfg).state_dict()
+    sd = {f"net.{k}": torch.zeros(()).expand(v.shape) for k, v in own.items()}
+    sd["net.blocks.block0.blocks.0.block.attn.to_q.0._extra_state"] = None  # TE FP8 state, as upstream saves
+    sd["logvar.0.freqs"] = torch.zeros(128)
+    return sd
+
+
+def _make_copy(root, sd) -> None:
+    dit = root / "Cosmos-Predict1-7B-Text2World-Sample-AV-Multiview"
+    dit.mkdir(parents=True)
+    torch.save(sd, dit / "model.pt")
+    SpaceToDepthTokenizer(pixel_chunk_duration=9).export_torchscript(root / "Cosmos-Tokenize1-CV8x8x8-720p")
+    t5 = root / "google-t5" / "t5-11b"
+    t5.mkdir(parents=True)
+    for name in ("config.json", "pytorch_model.bin", "spiece.model"):
+        (t5 / name).write_text("{}")
+
+
+def test_from_dir_imports_a_checked_copy(tmp_path, capsys):
+    src, dst = tmp_path / "other_machine", tmp_path / "checkpoints"
+    _make_copy(src, _fake_7b_state_dict(preset("cosmos_7b_multiview_6view")))
+    assert (src / "Cosmos-Predict1-7B-Text2World-Sample-AV-Multiview" / "model.pt").stat().st_size < 2_000_000
+    assert dl.main(["--from_dir", str(src), "--checkpoint_dir", str(dst)]) == 0
+    assert "match our model" in capsys.readouterr().out
+    for rel in ("Cosmos-Predict1-7B-Text2World-Sample-AV-Multiview/model.pt", "Cosmos-Tokenize1-CV8x8x8-720p/encoder.jit",
+                "google-t5/t5-11b/config.json"):
+        assert (dst / rel).is_file()
+    # the inference CLI recognises the imported folder as the released 6-view net
+    from mvmodel.inference.model_dir import resolve_model
+    spec = resolve_model(dst, "Cosmos-Predict1-7B-Text2World-Sample-AV-Multiview")
+    assert spec.n_views == 6
+    assert dl.main(["--from_dir", str(src), "--checkpoint_dir", str(dst)]) == 0  # re-run: nothing to do
+
+
+def test_from_dir_refuses_wrong_shapes_and_missing_files(tmp_path, capsys):
+    sd = _fake_7b_state_dict(preset("cosmos_7b_multiview_6view"))
+    sd["net.x_embedder.proj.1.weight"] = torch.zeros(()).expand(4096, 80)
+    del sd["net.final_layer.linear.weight"]
+    _make_copy(tmp_path / "a", sd)
+    (tmp_path / "a" / "Cosmos-Tokenize1-CV8x8x8-720p" / "decoder.jit").unlink()
+    assert dl.main(["--from_dir", str(tmp_path / "a"), "--checkpoint_dir", str(tmp_path / "ck")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1
+    assert "x_embedder.proj.1.weight: [4096, 80] (ours [4096, 92])" in err
+    assert "missing tensors: final_layer.linear.weight" in err
+    assert "missing decoder.jit" in err
+    assert not (tmp_path / "ck").exists()
+    assert dl.main(["--from_dir", str(tmp_path / "nowhere")]) == 2
+    assert "no such folder" in capsys.readouterr().err
+
+
+def test_bad_model_type_is_an_argument_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        dl.main(["--model_types", "Video2World"])
+    assert e.value.code == 2 and "--model_types" in capsys.readouterr().err
