@@ -103,6 +103,22 @@ def _qkv(B, Sq, Sk, H, D, strided, seed=0):
     return tuple(torch.randn(B, s, H, D, device="cuda", generator=g, dtype=torch.bfloat16) for s in (Sq, Sk, Sk))
 
 
+def _check_against_float64(q, k, v, n_views, conn):
+    """FA4's output and q/k/v gradients vs a float64 reference, within flash-attention's rule (2x / 3x bf16)."""
+    grad = torch.randn(q.shape[0], q.shape[1], q.shape[2], v.shape[-1], device="cuda", dtype=torch.bfloat16)
+
+    def run(fn, xs):
+        xs = [x.detach().clone().requires_grad_() for x in xs]
+        out = fn(*xs, n_views=n_views, connectivity=conn)
+        return (out, *torch.autograd.grad(out, xs, grad.to(out.dtype)))
+
+    ours = run(fa4.fa4_attention, (q, k, v))
+    pt = run(fa4.fa4_attention_reference, (q, k, v))
+    ref = run(fa4.fa4_attention_reference, [t.double() for t in (q, k, v)])
+    for name, o, p, r, factor in zip(("out", "dq", "dk", "dv"), ours, pt, ref, (2, 3, 3, 3)):
+        assert_close_rule(o, p, r, factor, name)
+
+
 @pytest.mark.gpu
 @needs_fa4
 @pytest.mark.parametrize("B, Sq, Sk, H, D, n_views, conn, strided", [
@@ -112,20 +128,7 @@ def _qkv(B, Sq, Sk, H, D, strided, seed=0):
     (1, 5 * 240, 5 * 64, 4, 128, 5, "self", False),  # per-view cross-attention shape
 ])
 def test_gpu_fa4_matches_float64(B, Sq, Sk, H, D, n_views, conn, strided):
-    q, k, v = _qkv(B, Sq, Sk, H, D, strided)
-    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    grad = torch.randn(B, Sq, H, D, device="cuda", dtype=torch.bfloat16)
-
-    def run(fn, xs):
-        xs = [x.detach().clone().requires_grad_() for x in xs]
-        out = fn(*xs, n_views=n_views, connectivity=conn)
-        return (out, *torch.autograd.grad(out, xs, grad.to(out.dtype)))
-
-    ours = run(fa4.fa4_attention, (q, k, v))
-    pt = run(fa4.fa4_attention_reference, (q, k, v))
-    ref = run(fa4.fa4_attention_reference, [t.double() for t in leaves])
-    for name, o, p, r, factor in zip(("out", "dq", "dk", "dv"), ours, pt, ref, (2, 3, 3, 3)):
-        assert_close_rule(o, p, r, factor, name)
+    _check_against_float64(*_qkv(B, Sq, Sk, H, D, strided), n_views, conn)
 
 
 @pytest.mark.gpu
@@ -134,19 +137,7 @@ def test_gpu_fa4_matches_float64(B, Sq, Sk, H, D, n_views, conn, strided):
                                                                                         [1, 1, 1, 1], [0, 0, 0, 1]])])
 def test_gpu_fa4_view_sparse_matches_float64(V, L, conn):
     """Block sparsity + the CuTe view mask: odd view lengths (blocks straddling views), forward and gradients."""
-    q, k, v = _qkv(1, V * L, V * L, 2, 128, strided=True, seed=3)
-    grad = torch.randn(1, V * L, 2, 128, device="cuda", dtype=torch.bfloat16)
-
-    def run(fn, xs):
-        xs = [x.detach().clone().requires_grad_() for x in xs]
-        out = fn(*xs, n_views=V, connectivity=conn)
-        return (out, *torch.autograd.grad(out, xs, grad.to(out.dtype)))
-
-    ours = run(fa4.fa4_attention, (q, k, v))
-    pt = run(fa4.fa4_attention_reference, (q, k, v))
-    ref = run(fa4.fa4_attention_reference, [t.double() for t in (q, k, v)])
-    for name, o, p, r, factor in zip(("out", "dq", "dk", "dv"), ours, pt, ref, (2, 3, 3, 3)):
-        assert_close_rule(o, p, r, factor, name)
+    _check_against_float64(*_qkv(1, V * L, V * L, 2, 128, strided=True, seed=3), V, conn)
 
 
 @pytest.mark.gpu
