@@ -142,3 +142,30 @@ def test_cli_argument_errors(tiny_ckpt, tmp_path):
         run(base + ["--num_gpus", "8"])
     with pytest.raises(SystemExit):  # argparse: the usage message and exit 2
         build_parser().parse_args(["--guidance", "lots"])
+
+
+def test_latest_ema_takes_the_newest_committed_set(tmp_path, caplog):
+    """An EMA file whose set was never committed (no manifest: a killed save) or whose size differs from its
+    manifest is skipped with a warning naming it; folders without manifests (upstream) give their newest file."""
+    import json
+    import logging
+
+    from mvmodel.inference.model_dir import latest_ema
+
+    def ema(n, data=b"weights"):
+        (tmp_path / f"iter_{n:09d}_ema_model.pt").write_bytes(data)
+
+    def manifest(n, size):
+        (tmp_path / f"iter_{n:09d}_manifest.json").write_text(
+            json.dumps({"files": {f"iter_{n:09d}_ema_model.pt": {"size": size, "sha256": "-"}}}))
+
+    ema(100), ema(200), ema(300, b"cut")
+    assert latest_ema(tmp_path).name == "iter_000000300_ema_model.pt"  # no manifests: upstream layout
+    manifest(100, 7), manifest(300, 7)
+    with caplog.at_level(logging.WARNING):
+        assert latest_ema(tmp_path).name == "iter_000000100_ema_model.pt"
+    assert "iter_000000300_ema_model.pt (3 bytes, its manifest says 7)" in caplog.text
+    assert "iter_000000200_ema_model.pt (no manifest lists it" in caplog.text
+    (tmp_path / "iter_000000100_ema_model.pt").write_bytes(b"x")
+    with pytest.raises(FileNotFoundError, match="no committed EMA checkpoint"):
+        latest_ema(tmp_path)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import re
 import shutil
@@ -33,6 +34,8 @@ from typing import Any
 
 from ..networks import DiTConfig, preset
 from ..networks.checkpoint import read_state_dict, split_state_dict
+
+log = logging.getLogger(__name__)
 
 CONFIG_NAME = "mvworld.json"
 FORMAT = "mvworld.model/1"
@@ -195,11 +198,32 @@ def _dataset_fps(dataset_dir: str | None, view: str | None) -> float | None:
 
 
 def latest_ema(checkpoints: Path) -> Path:
-    """The newest ``iter_{N:09d}_ema_model.pt`` of a trainer checkpoints folder."""
+    """The newest committed ``iter_{N:09d}_ema_model.pt`` of a trainer checkpoints folder.
+
+    Our trainer commits a checkpoint set by writing ``iter_N_manifest.json`` last: an EMA file without one (a save
+    killed before its set was complete) or whose size differs from its manifest is skipped with a warning naming
+    it. Folders written without manifests (upstream, older versions) give their newest EMA file."""
+    from ..trainer.checkpoint import manifest_name  # noqa: PLC0415 - the trainer's file naming
+
     found = sorted((int(m.group(1)), p) for p in checkpoints.iterdir() if (m := _ITER_EMA.match(p.name)))
     if not found:
         raise FileNotFoundError(f"{checkpoints}: no iter_*_ema_model.pt checkpoint")
-    return found[-1][1]
+    if not any(checkpoints.glob("iter_*_manifest.json")):
+        return found[-1][1]
+    skipped = []
+    for n, path in reversed(found):
+        try:
+            record = json.loads((checkpoints / manifest_name(n)).read_text())["files"][path.name]
+        except (OSError, ValueError, KeyError, TypeError):
+            skipped.append(f"{path.name} (no manifest lists it: its checkpoint set was never committed)")
+            continue
+        if record.get("size") != path.stat().st_size:
+            skipped.append(f"{path.name} ({path.stat().st_size} bytes, its manifest says {record.get('size')})")
+            continue
+        if skipped:
+            log.warning("using %s; skipped %s", path.name, "; ".join(skipped))
+        return path
+    raise FileNotFoundError(f"{checkpoints}: no committed EMA checkpoint: " + "; ".join(skipped))
 
 
 def resolve_model(checkpoint_dir: str | os.PathLike, diffusion_transformer_dir: str) -> ModelSpec:
