@@ -543,7 +543,7 @@ class Trainer:
         failed = torch.tensor(1.0 if self.checkpointer.failed() else 0.0, device=loss.device)
         stats = torch.stack([loss.detach().float(), out["mse"].float(), out["edm"].float(),
                              norm.float().to(loss.device), failed]).to(self._reduce_device)
-        local_loss_finite = bool(torch.isfinite(loss.detach()).item())
+        local_loss_finite = torch.isfinite(loss.detach())  # read (a host sync) only on a skipped step
         dist.all_reduce(stats)  # sum over ranks; the norm is already global, so it is divided back
         ws = self.info.world_size
         loss_v, mse_v, edm_v, norm_v, failed_v = (stats / ws).tolist()
@@ -583,10 +583,10 @@ class Trainer:
         return {"loss": loss_v, "mse": mse_v, "edm": edm_v, "grad_norm": norm_v, "lr": lr,
                 "skipped_steps": float(self.skipped_steps)}
 
-    def _nonfinite_culprits(self, local_loss_finite: bool) -> str:
+    def _nonfinite_culprits(self, local_loss_finite: torch.Tensor) -> str:
         """The batches of the ranks whose own loss was non-finite (all ranks' when only the global gradient
         norm was): a collective, run only on a skipped step."""
-        mine = (local_loss_finite, getattr(self, "_batch_desc", None) or "latents passed to optimize()")
+        mine = (bool(local_loss_finite), getattr(self, "_batch_desc", None) or "latents passed to optimize()")
         found = [mine]
         if self.info.world_size > 1:
             found = [None] * self.info.world_size
