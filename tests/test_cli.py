@@ -66,21 +66,39 @@ def test_7b_experiment_checks_before_building(tmp_path):
     args = [*base, f"data.dataset_dir={ds}", f"model.tokenizer_dir={tmp_path}/tok"]
     _one_line_error(_run(*args, cwd=tmp_path, ), "checkpoint.load_path=checkpoints/Cosmos-Predict1-7B", "mvmodel.download")
     import torch
-    from mvmodel.train import _host_memory
-    if not torch.cuda.is_available() and _host_memory()[0] < 200 * 1024 ** 3:
+    from mvmodel.trainer.memory_plan import host_memory_bytes
+    if not torch.cuda.is_available() and host_memory_bytes()[0] < 200 * 1024 ** 3:
         _one_line_error(_run(*args, "checkpoint.load_path=none", cwd=tmp_path), "needs ~", "GiB of host memory")
 
 
 def test_memory_plan_matches_the_measured_7b_one_gpu_runs():
     from mvmodel.configs import make_config
-    from mvmodel.train import GIB, memory_plan
+    from mvmodel.trainer.preflight import GIB, memory_plan
 
     for ac, measured in (("block", 42.9), ("selective", 53.2)):  # .notes/trainer.md, H100, 63,600 tokens
         cfg = make_config("mvmodel/configs/multiview.py", "text2world_multiview_7b_example_waymo_1gpu",
-                          [f"parallel.activation_checkpointing={ac}"])
+                          [f"parallel.activation_checkpointing={ac}", "optimizer.offload_plan=host"])
         plan = memory_plan(cfg, world=1, local_world=1, on_gpu=True)
         assert plan["tokens"] == 63_600 and plan["gpu"] / GIB == pytest.approx(measured, rel=0.15)
         assert plan["host"] / GIB == pytest.approx(108, rel=0.1)  # masters + moments + EMA: 16 B/param
+        assert plan["host_min"] == plan["host"]
+
+
+def test_preflight_counts_the_optimizer_state_the_gpu_keeps():
+    """With the memory plan (auto), a 141 GB GPU keeps most of the optimizer state: the host needs far less than
+    the all-host 108 GiB (42.3 GiB RSS measured on an H200), an 80 GB card (cap 76 GiB) keeps little of it."""
+    from mvmodel.configs import make_config
+    from mvmodel.trainer.preflight import GIB, memory_plan
+
+    def plan(*overrides, gpu_gib):
+        cfg = make_config("mvmodel/configs/multiview.py", "text2world_multiview_7b_example_waymo_1gpu", list(overrides))
+        return memory_plan(cfg, world=1, local_world=1, on_gpu=True, gpu_bytes=int(gpu_gib * GIB))
+
+    h200 = plan(gpu_gib=139.8)
+    assert 20 < h200["host_min"] / GIB < 64 and h200["host"] / GIB == pytest.approx(108, rel=0.1)
+    assert h200["gpu"] / GIB <= 139.8 - 10  # the plan's margin stays free
+    capped = plan("trainer.gpu_memory_cap_gib=76", gpu_gib=139.8)
+    assert 64 < capped["host_min"] / GIB < h200["host"] / GIB and capped["gpu"] / GIB <= 76 - 10
 
 
 def test_load_report_says_what_was_skipped_and_why():

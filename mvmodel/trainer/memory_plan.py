@@ -26,6 +26,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pathlib import Path
+
 import torch
 
 PARTS = ("master", "exp_avg", "exp_avg_sq", "ema")
@@ -157,18 +159,22 @@ def choose_plan(numels: list[int], device: torch.device | str, *, with_ema: bool
     return plan
 
 
-def host_available_bytes() -> int:
-    """MemAvailable of /proc/meminfo (what can be allocated without swapping), else psutil's figure."""
+def host_memory_bytes() -> tuple[int, int]:
+    """(total, available) host memory: MemTotal and MemAvailable of /proc/meminfo (what can be allocated without
+    swapping), else psutil's figures."""
     try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import psutil
+        info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines() if ":" in line)
+        total = int(info["MemTotal"].split()[0]) * 1024
+        return total, int(info.get("MemAvailable", info["MemTotal"]).split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        import psutil
 
-    return int(psutil.virtual_memory().available)
+        vm = psutil.virtual_memory()
+        return int(vm.total), int(vm.available)
+
+
+def host_available_bytes() -> int:
+    return host_memory_bytes()[1]
 
 
 def cap_gpu_memory(device: torch.device, cap_gib: float) -> None:
