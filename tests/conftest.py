@@ -5,6 +5,12 @@ import torch
 
 
 def pytest_collection_modifyitems(config, items):
+    # A test parametrised on the CUDA device is a GPU test too: `pytest -m gpu` on a GPU machine runs exactly the
+    # tests that CI (no GPU) skips.
+    for item in items:
+        spec = getattr(item, "callspec", None)
+        if spec is not None and any(str(v) in ("cuda", "cuda:0") for v in spec.params.values()):
+            item.add_marker(pytest.mark.gpu)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
