@@ -12,6 +12,7 @@ if ls .whl/*.whl > /dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
     .whl/*.whl > "$OUT/wheels.log" 2>&1 || echo "wheel install FAILED (see wheels.log)"
 fi
+mkdir -p /tmp/xfer; for d in .xfer*/; do [ -d "$d" ] && cp "$d"part.* /tmp/xfer/ 2>/dev/null; done  # parts carried here
 for s in .xfer*/install.sh; do [ -f "$s" ] && bash "$s" >> "$OUT/wheels.log" 2>&1; done
 [ -d /tmp/site ] && export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages${PYTHONPATH:+:$PYTHONPATH}
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,temperature.gpu --format=csv,noheader > "$OUT/gpu.txt" 2>&1
@@ -19,6 +20,8 @@ nvidia-smi --query-gpu=name,memory.total,clocks.sm,temperature.gpu --format=csv,
 python3 - <<'PY' | tee "$OUT/env.txt"
 import importlib.metadata as md, torch, mvkernels
 print(torch.__version__, torch.cuda.get_device_name(), "build:", mvkernels.build_info())
+from mvkernels.ops import fa4_attention
+print("  FA4 usable:", fa4_attention.available() or fa4_attention.install_hint())
 for name in ("av", "flash-attn-4", "sageattention", "peft", "torchao", "nvidia-cudnn-frontend", "triton"):
     try: print(f"  {name} {md.version(name)}")
     except md.PackageNotFoundError: print(f"  {name} not installed")
