@@ -82,11 +82,18 @@ class VideoContentSafetyFilter:
 
     def __init__(self, folder: str | Path, device: torch.device | str = "cpu"):
         from transformers import SiglipVisionModel
+        from transformers.utils import logging as hf_logging
 
         folder = Path(folder)
         self.device = torch.device(device)
-        # The vision tower alone: get_image_features is its pooled output, and the text tower is not needed.
-        self.encoder = SiglipVisionModel.from_pretrained(str(siglip_snapshot(folder)), local_files_only=True)
+        # The vision tower alone: get_image_features is its pooled output, and the text tower is not needed (its
+        # weights in the file are skipped; transformers would list each of them as unexpected, hence the quiet).
+        level = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            self.encoder = SiglipVisionModel.from_pretrained(str(siglip_snapshot(folder)), local_files_only=True)
+        finally:
+            hf_logging.set_verbosity(level)
         self.encoder.to(self.device, torch.float32).eval().requires_grad_(False)
         self.size = int(self.encoder.config.image_size)
         self.classifier = load_classifier(folder / "safety_filter.pt").to(self.device)
