@@ -113,21 +113,31 @@ def write_video_filter(folder: Path, verdict: int | None = 0, seed: int = 0) -> 
     return folder
 
 
-def write_retinaface(path: Path, seed: int = 0) -> Path:
+def write_retinaface(path: Path, seed: int = 0, faces: bool | None = None) -> Path:
+    """R50 names and shapes, random weights. ``faces`` True: every prior is a confident face with the prior's own
+    box (class head says face, box head says no offset); False: nothing is a face; None: random."""
     from mvmodel.guardrail.retinaface import RetinaFace
 
     torch.manual_seed(seed)
-    sd = {f"module.{k}": v for k, v in RetinaFace().state_dict().items()}  # the released file's prefix
+    net = RetinaFace()
+    if faces is not None:
+        with torch.no_grad():
+            for cls, box in zip(net.ClassHead, net.BboxHead):
+                cls.conv1x1.weight.zero_()
+                cls.conv1x1.bias.copy_(torch.tensor([-8.0, 8.0] if faces else [8.0, -8.0]).repeat(2))
+                box.conv1x1.weight.zero_()
+                box.conv1x1.bias.zero_()
+    sd = {f"module.{k}": v for k, v in net.state_dict().items()}  # the released file's prefix
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(sd, path)
     return path
 
 
-def write_guardrail_dir(root: Path, answer: str = "safe", verdict: int = 0) -> Path:
+def write_guardrail_dir(root: Path, answer: str = "safe", verdict: int = 0, faces: bool | None = False) -> Path:
     """A complete ``--guardrail_dir`` with the small models, read by the real loaders."""
     g1 = root / GUARDRAIL1
     write_blocklist(g1 / "blocklist")
     write_llama_guard(root / LLAMA_GUARD, answer)
     write_video_filter(g1 / "video_content_safety_filter", verdict)
-    write_retinaface(g1 / "face_blur_filter" / "Resnet50_Final.pth")
+    write_retinaface(g1 / "face_blur_filter" / "Resnet50_Final.pth", faces=faces)
     return root
