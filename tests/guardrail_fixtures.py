@@ -33,6 +33,7 @@ def write_blocklist(folder: Path, custom=("badword", "evil plan"), whitelist=("b
     for sub, words in (("custom", custom), ("whitelist", whitelist), ("exact_match", exact)):
         (folder / sub).mkdir(parents=True, exist_ok=True)
         (folder / sub / "list.txt").write_text("\n".join(words) + "\n")
+    (folder / "nltk_data").mkdir(exist_ok=True)  # nltk's data folder (empty: the tests lemmatise without nltk)
     return folder
 
 

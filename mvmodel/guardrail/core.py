@@ -55,6 +55,7 @@ def missing_files(guardrail_dir: str | Path) -> list[str]:
     p = paths(guardrail_dir)
     need = [p["llama_guard"] / "config.json", p["llama_guard"] / "tokenizer_config.json",
             p["blocklist"] / "custom", p["blocklist"] / "whitelist", p["blocklist"] / "exact_match",
+            p["blocklist"] / "nltk_data",
             p["video_filter"] / "safety_filter.pt", p["retinaface"]]
     out = [str(f) for f in need if not f.exists()]
     if not any(p["llama_guard"].glob("*.safetensors")):
