@@ -98,6 +98,16 @@ class VideoContentSafetyFilter:
         self.size = int(self.encoder.config.image_size)
         self.classifier = load_classifier(folder / "safety_filter.pt").to(self.device)
 
+    @classmethod
+    def from_modules(cls, encoder, classifier: SafetyClassifier, device: torch.device | str = "cpu"):
+        """The filter around already-built models (a ``SiglipVisionModel`` and the classifier): benchmarks."""
+        self = cls.__new__(cls)
+        self.device = torch.device(device)
+        self.encoder = encoder.to(self.device, torch.float32).eval().requires_grad_(False)
+        self.size = int(encoder.config.image_size)
+        self.classifier = classifier.to(self.device).eval().requires_grad_(False)
+        return self
+
     @torch.inference_mode()
     def classify(self, frames: torch.Tensor) -> torch.Tensor:
         """uint8 [N, H, W, 3] -> class index [N] (CPU)."""
