@@ -338,3 +338,13 @@ def test_runner_wraps_guard_errors(tmp_path):
     g = Guardrails(tmp_path, make_blocklist=lambda d: _Pass(), make_llama_guard=cannot_load)
     with pytest.raises(GuardrailError, match="Llama Guard 3 could not be loaded .*model.safetensors"):
         g.check_prompts([("video 0", "x")])
+
+
+def test_error_line_skips_framing(tmp_path):
+    def framed(dev):
+        raise LookupError("\n" + "*" * 70 + "\n  Resource punkt_tab not found.\n  Please use the NLTK Downloader\n"
+                          + "*" * 70)
+
+    g = Guardrails(tmp_path, make_blocklist=framed, make_llama_guard=lambda d: _Pass())
+    with pytest.raises(GuardrailError, match=r"could not be loaded \(LookupError: Resource punkt_tab not found\.\)$"):
+        g.check_prompts([("video 0", "x")])

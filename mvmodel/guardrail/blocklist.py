@@ -81,7 +81,12 @@ def nltk_lemmatizer(nltk_data: Path) -> Callable[[str], list[str]]:
     def lemmas(text: str) -> list[str]:
         return [lemmatizer.lemmatize(t) for t in nltk.word_tokenize(text)]
 
-    lemmas("checking the tokenizer and wordnet data load")  # a missing data file fails here, at load time
+    try:
+        lemmas("checking the tokenizer and wordnet data load")  # a missing data file fails here, at load time
+    except LookupError as exc:  # nltk's message is a framed paragraph: keep the resource name only
+        found = re.search(r"Resource (\S+) not found", str(exc))
+        raise FileNotFoundError(f"nltk data {found.group(1) if found else ''} not found in {nltk_data} (the "
+                                f"tokenizer and WordNet data shipped in Cosmos-Guardrail1/blocklist/nltk_data)") from None
     return lemmas
 
 

@@ -66,8 +66,9 @@ def missing_files(guardrail_dir: str | Path) -> list[str]:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"
+    """``Type: first line with words`` (some libraries frame their messages with rules of asterisks)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if any(c.isalpha() for c in ln)]
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"
 
 
 def _free(device: torch.device) -> None:
