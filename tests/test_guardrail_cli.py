@@ -123,3 +123,22 @@ def test_disabled_guardrail_warns(env, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="mvmodel"):
         paths = run(_args(env, tmp_path, None))
     assert paths[0]["video"].is_file() and "guardrails disabled (--disable_guardrail)" in caplog.text
+
+
+def test_context_parallel_ranks_share_the_verdict(env, tmp_path):
+    """Under torchrun the prompt guards run on rank 0 only and every rank stops with rank 0's verdict. In a fresh
+    process the blocklist uses nltk, whose data this test folder lacks: a guard that cannot load, on rank 0."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    pyenv = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "mvmodel.inference.text2world_multiview", *_args(env, tmp_path, "safe", "--num_gpus", "2")]
+    r = subprocess.run(cmd, env=pyenv, cwd=repo, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error: guardrail blocklist could not be loaded")]
+    assert len(lines) == 2, r.stderr[-3000:]  # both ranks, the same line
+    assert lines[0] == lines[1] and not any(tmp_path.iterdir())
