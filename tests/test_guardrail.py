@@ -14,12 +14,16 @@ from mvmodel.guardrail.blocklist import Blocklist, whole_word_match
 from mvmodel.guardrail.llama_guard import (CATEGORIES, GuardOutputError, LlamaGuard3, block_message, parse_answer,
                                            render_prompt)
 
-pytest.importorskip("better_profanity")
+
+
+def _profanity():
+    pytest.importorskip("better_profanity")  # the blocklist's matcher (test extra); the model guards need none
 
 
 # ------------------------------------------------------------------------------------------------ blocklist
 @pytest.fixture(scope="module")
 def blocklist(tmp_path_factory):
+    _profanity()
     return Blocklist(write_blocklist(tmp_path_factory.mktemp("bl")), lemmatize=simple_lemmas)
 
 
@@ -45,6 +49,7 @@ def test_blocklist_passes(blocklist, prompt):
 
 
 def test_whitelist_restores_a_censored_word(tmp_path):
+    _profanity()
     bl = Blocklist(write_blocklist(tmp_path, custom=("badminton", "badword"), whitelist=("badminton",)),
                    lemmatize=simple_lemmas)
     assert bl.is_safe("badminton court")[0] and not bl.is_safe("badword court")[0]
@@ -62,6 +67,7 @@ def test_whole_word_and_fuzzy_matching():
 
 
 def test_missing_list_folder_is_an_error(tmp_path):
+    _profanity()
     write_blocklist(tmp_path)
     (tmp_path / "whitelist" / "list.txt").unlink()
     (tmp_path / "whitelist").rmdir()
@@ -93,8 +99,8 @@ def test_block_message_names_categories():
 @pytest.mark.parametrize("answer,safe,msg", [
     ("unsafe", False, "S1 Violent Crimes, S10 Hate"), ("safe", True, ""),
 ])
-def test_llama_guard_generates_and_decides(tmp_path, answer, safe, msg):
-    guard = LlamaGuard3(write_llama_guard(tmp_path, answer), "cpu", torch.float32)
+def test_llama_guard_generates_and_decides(tmp_path, answer, safe, msg, device):
+    guard = LlamaGuard3(write_llama_guard(tmp_path, answer), device, torch.float32)
     text = render_prompt(guard.tokenizer, "a red car")
     assert "S1: Violent Crimes.\n" in text and "S14: Code Interpreter Abuse.\n" in text and "User: a red car" in text
     assert guard.answer("a red car").startswith(answer)
@@ -170,10 +176,10 @@ def test_features_are_siglip_image_features(tmp_path):
 
 
 @pytest.mark.parametrize("verdict,expect", [(0, None), (2, (0, "Violence")), (6, (0, "Self-Harm"))])
-def test_content_filter_decisions(tmp_path, verdict, expect):
+def test_content_filter_decisions(tmp_path, verdict, expect, device):
     from mvmodel.guardrail.video_filter import VideoContentSafetyFilter
 
-    f = VideoContentSafetyFilter(write_video_filter(tmp_path, verdict), "cpu")
+    f = VideoContentSafetyFilter(write_video_filter(tmp_path, verdict), device)
     assert f.first_unsafe(torch.randint(0, 256, (4, 24, 40, 3), dtype=torch.uint8)) == expect
 
 
@@ -278,7 +284,7 @@ def test_pixelate_blocks_and_min_size():
     assert len(torch.unique(frame[30:, :30].reshape(-1, 3), dim=0)) <= 25
 
 
-def test_face_filter_pixelates_what_it_detects(tmp_path):
+def test_face_filter_pixelates_what_it_detects(tmp_path, device):
     from mvmodel.guardrail.face_blur import RetinaFaceFilter
     from mvmodel.guardrail.retinaface import RetinaFace
 
@@ -288,7 +294,7 @@ def test_face_filter_pixelates_what_it_detects(tmp_path):
         for h in net.ClassHead:
             h.conv1x1.weight.zero_()
             h.conv1x1.bias.copy_(torch.tensor([-5.0, 5.0]).repeat(2))
-    f = RetinaFaceFilter(net, "cpu")
+    f = RetinaFaceFilter(net, device)
     frames = torch.randint(0, 256, (3, 64, 96, 3), dtype=torch.uint8)
     boxes = f.detect(frames)
     assert len(boxes) == 3 and all(len(b) > 0 for b in boxes)

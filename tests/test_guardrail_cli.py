@@ -142,3 +142,18 @@ def test_context_parallel_ranks_share_the_verdict(env, tmp_path):
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error: guardrail blocklist could not be loaded")]
     assert len(lines) == 2, r.stderr[-3000:]  # both ranks, the same line
     assert lines[0] == lines[1] and not any(tmp_path.iterdir())
+
+
+@pytest.mark.gpu
+def test_guards_run_on_the_gpu(env, tmp_path, capsys, caplog):
+    def on_cuda(argv):
+        argv[argv.index("--device") + 1] = "cuda"
+        return argv
+
+    code, line = _exit(capsys, on_cuda(_args(env, tmp_path / "v", "video_unsafe")))
+    assert code == 3 and line.endswith("frame 0 classified Violence")
+    code, line = _exit(capsys, on_cuda(_args(env, tmp_path / "p", "llama_unsafe")))
+    assert code == 3 and "S1 Violent Crimes, S10 Hate" in line
+    with caplog.at_level(logging.INFO, logger="mvmodel"):
+        paths = run(on_cuda(_args(env, tmp_path / "f", "faces")))
+    assert paths[0]["video"].is_file() and "pixelated" in caplog.text

@@ -63,7 +63,7 @@ def render_prompt(tokenizer, prompt: str) -> str:
     text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], categories=CATEGORIES,
                                          tokenize=False, add_generation_prompt=False)
     missing = [c for c, name in CATEGORIES.items() if f"{c}: {name}" not in text]
-    if missing or prompt not in text:
+    if missing or prompt.strip() not in text:  # a template may strip the message
         raise GuardOutputError(f"the Llama Guard tokenizer's chat template did not render the prompt and the "
                                f"categories (missing {missing[:3]}); is it Llama-Guard-3-8B's tokenizer?")
     return text
