@@ -209,6 +209,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"real clip          {res['reference']}")
     print(f"more samples       python -m mvmodel.inference.text2world_multiview --checkpoint_dir "
           f"{job_dir.parent} --diffusion_transformer_dir {job_dir.name} --t5_dir {out / 'tiny_t5'} --guidance 2 "
+          f"--disable_guardrail "
           f"--prompt \"{res['caption'] or 'A video of a car driving on a road.'}\"")
     print("=" * 78)
     return {"summary": summary, "losses": table, **res, "job_dir": job_dir}

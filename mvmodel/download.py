@@ -7,9 +7,13 @@ Fetches from the Hugging Face Hub, into the folder layout the inference CLI and 
     checkpoints/Cosmos-Predict1-7B-Text2World-Sample-AV-Multiview/model.pt   the diffusion transformer (DiT)
     checkpoints/Cosmos-Tokenize1-CV8x8x8-720p/{encoder,decoder}.jit, mean_std.pt   the video tokenizer
     checkpoints/google-t5/t5-11b/                                           the T5-XXL text encoder
+    checkpoints/meta-llama/Llama-Guard-3-8B/                                the prompt guardrail (gated, ~16 GB)
+    checkpoints/nvidia/Cosmos-Guardrail1/                                   blocklists, video filter, face blur
 
-Only the files the pipeline reads are fetched (no guardrail, prompt upsampler, TensorFlow/Flax weights or unused
-autoencoder.jit). Interrupted downloads resume where they stopped when the command is run again
+Only the files the pipeline reads are fetched (no prompt upsampler, TensorFlow/Flax weights, unused
+autoencoder.jit or Llama Guard's ``original/`` consolidated copy). The guardrail models are fetched as upstream's
+script does, since generation runs them by default; ``--skip_guardrail`` leaves them out (then generate with
+``--disable_guardrail``). Interrupted downloads resume where they stopped when the command is run again
 (``huggingface_hub`` keeps partial files under ``<folder>/.cache/huggingface``). ``--dry_run`` lists the files and
 sizes without downloading. ``--from_dir PATH`` imports an existing copy (same layout, e.g. another machine's
 ``checkpoints/``) without network: files are checked, the DiT's tensor names and shapes are compared with our
@@ -32,6 +36,9 @@ from typing import Callable, Iterable
 DIT_REPOS = {("7B", "Text2World-Sample-AV-Multiview"): "nvidia/Cosmos-Predict1-7B-Text2World-Sample-AV-Multiview"}
 TOKENIZER_REPO = "nvidia/Cosmos-Tokenize1-CV8x8x8-720p"
 T5_REPO = "google-t5/t5-11b"
+LLAMA_GUARD_REPO = "meta-llama/Llama-Guard-3-8B"
+GUARDRAIL1_REPO = "nvidia/Cosmos-Guardrail1"
+GUARDRAIL_REPOS = (LLAMA_GUARD_REPO, GUARDRAIL1_REPO)
 MODEL_SIZES = sorted({s for s, _ in DIT_REPOS})
 MODEL_TYPES = sorted({t for _, t in DIT_REPOS})
 
@@ -41,6 +48,8 @@ TOKENIZER_FILES = ("encoder.jit", "decoder.jit", "mean_std.pt")
 T5_FILES = ("config.json",)  # + weights and a tokenizer, checked by _t5_problems
 T5_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 T5_TOKENIZERS = ("tokenizer.json", "spiece.model")
+LLAMA_GUARD_FILES = ("config.json", "tokenizer_config.json")
+GUARDRAIL1_FILES = ("video_content_safety_filter/safety_filter.pt", "face_blur_filter/Resnet50_Final.pth")
 
 
 @dataclass
@@ -58,7 +67,7 @@ class Component:
         return sum(s or 0 for _, s in self.files)
 
 
-def components(model_sizes: Iterable[str], model_types: Iterable[str]) -> list[Component]:
+def components(model_sizes: Iterable[str], model_types: Iterable[str], guardrail: bool = True) -> list[Component]:
     out = []
     for size in model_sizes:
         for typ in model_types:
@@ -75,6 +84,14 @@ def components(model_sizes: Iterable[str], model_types: Iterable[str]) -> list[C
                          "tokenizer.json", "tokenizer_config.json", "spiece.model", "special_tokens_map.json",
                          "model*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin",
                          "pytorch_model.bin.index.json")))
+    if guardrail:  # folders as upstream's script lays them out: <checkpoint_dir>/<org>/<repo>
+        out.append(Component("guardrail: Llama Guard 3", LLAMA_GUARD_REPO, LLAMA_GUARD_REPO, (
+            "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+            "special_tokens_map.json", "model*.safetensors", "model.safetensors.index.json", "LICENSE", "README.md")))
+        # The whole of the three folders: the SigLIP model inside is an HF cache layout (blobs + snapshots) that
+        # the video filter reads as it is.
+        out.append(Component("guardrail: blocklist, video filter, face blur", GUARDRAIL1_REPO, GUARDRAIL1_REPO,
+                             ("blocklist/*", "video_content_safety_filter/*", "face_blur_filter/*", "README.md")))
     return out
 
 
@@ -106,6 +123,10 @@ def plan(comps: list[Component], listing: Callable[[str], list[tuple[str, int | 
 
 
 def _required(c: Component) -> tuple[str, ...]:
+    if c.repo_id == LLAMA_GUARD_REPO:
+        return LLAMA_GUARD_FILES
+    if c.repo_id == GUARDRAIL1_REPO:
+        return GUARDRAIL1_FILES
     return DIT_FILES if c.repo_id in DIT_REPOS.values() else TOKENIZER_FILES if c.repo_id == TOKENIZER_REPO else T5_FILES
 
 
@@ -211,6 +232,13 @@ def check_layout(checkpoint_dir: Path, comps: list[Component], net_config=None) 
             continue
         if c.repo_id == T5_REPO:
             problems += _t5_problems(folder)
+        elif c.repo_id in GUARDRAIL_REPOS:
+            from .guardrail import missing_files
+
+            root = checkpoint_dir  # the guardrail checks take the folder holding both repositories
+            prefix = str(folder)
+            problems += [f"missing {m} (the {c.what}, {c.repo_id})" for m in missing_files(root)
+                         if m.startswith(prefix)]
         elif c.repo_id in DIT_REPOS.values():
             problems += dit_problems(folder / "model.pt", net_config)
     return problems
@@ -253,6 +281,8 @@ def download(comps: list[Component], checkpoint_dir: Path) -> None:
             msg = hub_error_message(exc, c.repo_id)
             if msg is None:
                 raise
+            if c.repo_id in GUARDRAIL_REPOS:
+                msg += "; or pass --skip_guardrail to download without the guardrail models"
             raise ValueError(msg) from exc
 
 
@@ -267,10 +297,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dry_run", action="store_true", help="list the files and sizes that would be downloaded")
     ap.add_argument("--from_dir", default=None, metavar="PATH",
                     help="import an existing copy in the same layout (offline): check it, then link it in")
+    ap.add_argument("--skip_guardrail", action="store_true",
+                    help=f"leave out the guardrail models ({' and '.join(GUARDRAIL_REPOS)}); generation then needs "
+                         f"--disable_guardrail")
     a = ap.parse_args(argv)
     dst = Path(a.checkpoint_dir)
     try:
-        comps = components(a.model_sizes, a.model_types)
+        comps = components(a.model_sizes, a.model_types, guardrail=not a.skip_guardrail)
         if a.from_dir:
             src = Path(a.from_dir)
             if not src.is_dir():
@@ -282,9 +315,12 @@ def main(argv: list[str] | None = None) -> int:
         try:
             plan(comps)
         except Exception as exc:  # noqa: BLE001
-            msg = hub_error_message(exc, getattr(exc, "repo_id", None) or _failing_repo(comps))
+            repo = getattr(exc, "repo_id", None) or _failing_repo(comps)
+            msg = hub_error_message(exc, repo)
             if msg is None:
                 raise
+            if repo in GUARDRAIL_REPOS:
+                msg += "; or pass --skip_guardrail to download without the guardrail models"
             raise ValueError(msg) from exc
         print(describe(comps, dst), flush=True)
         if a.dry_run:
@@ -294,7 +330,8 @@ def main(argv: list[str] | None = None) -> int:
         problems = check_layout(dst, comps)
         if problems:
             raise ValueError("downloaded files do not check out: " + "; ".join(problems))
-        print(f"[mvmodel.download] done: {dst} holds the DiT, the tokenizer and T5 in the layout "
+        print(f"[mvmodel.download] done: {dst} holds the DiT, the tokenizer, T5"
+              f"{'' if a.skip_guardrail else ' and the guardrail models'} in the layout "
               f"python -m mvmodel.inference.text2world_multiview --checkpoint_dir {dst} reads")
         return 0
     except ValueError as exc:

@@ -22,11 +22,27 @@ LISTING = {
         ("config.json", 1_200), ("flax_model.msgpack", 45_000_000_000), ("pytorch_model.bin", 45_200_000_000),
         ("tf_model.h5", 45_200_000_000), ("spiece.model", 792_000), ("tokenizer.json", 1_390_000),
         ("generation_config.json", 147), ("README.md", 8_000)],
+    "meta-llama/Llama-Guard-3-8B": [
+        ("config.json", 860), ("generation_config.json", 180), ("tokenizer.json", 9_085_000),
+        ("tokenizer_config.json", 52_000), ("special_tokens_map.json", 300), ("LICENSE", 7_800),
+        ("model-00001-of-00004.safetensors", 4_976_698_672), ("model-00002-of-00004.safetensors", 4_999_802_720),
+        ("model-00003-of-00004.safetensors", 4_915_916_176), ("model-00004-of-00004.safetensors", 1_168_138_808),
+        ("model.safetensors.index.json", 23_950), ("original/consolidated.00.pth", 16_060_617_592),
+        ("original/params.json", 200), ("original/tokenizer.model", 2_183_982), ("USE_POLICY.md", 4_700)],
+    "nvidia/Cosmos-Guardrail1": [
+        ("README.md", 6_000), ("blocklist/custom/branding", 2_000), ("blocklist/exact_match/blocked", 1_000),
+        ("blocklist/whitelist/whitelist", 500), ("blocklist/nltk_data/tokenizers/punkt_tab/english/collocations.tab",
+                                                 1_000),
+        ("video_content_safety_filter/safety_filter.pt", 2_950_000),
+        ("video_content_safety_filter/models--google--siglip-so400m-patch14-384/snapshots/9fdffc58afc957d1a03a25b10dba"
+         "0329ab15c2a3/model.safetensors", 3_511_000_000),
+        ("face_blur_filter/Resnet50_Final.pth", 109_497_761), ("aegis/unused.bin", 1_000)],
 }
+GUARD_GB = (4_976_698_672 + 4_999_802_720 + 4_915_916_176 + 1_168_138_808) / 1e9
 
 
-def _comps():
-    return dl.plan(dl.components(["7B"], ["Text2World-Sample-AV-Multiview"]), LISTING.__getitem__)
+def _comps(guardrail=False):
+    return dl.plan(dl.components(["7B"], ["Text2World-Sample-AV-Multiview"], guardrail), LISTING.__getitem__)
 
 
 def test_plan_selects_what_the_pipeline_reads():
@@ -47,10 +63,43 @@ def test_dry_run_lists_files_and_sizes(monkeypatch, capsys):
     monkeypatch.setattr(dl, "hub_listing", lambda repo, token=None: LISTING[repo])
     monkeypatch.setattr(dl, "download", lambda *a: pytest.fail("dry run must not download"))
     assert dl.main(["--model_sizes", "7B", "--model_types", "Text2World-Sample-AV-Multiview",
-                    "--checkpoint_dir", "ck", "--dry_run"]) == 0
+                    "--checkpoint_dir", "ck", "--dry_run", "--skip_guardrail"]) == 0
     out = capsys.readouterr().out
     assert "model.pt" in out and "14.5 GB" in out and "total 60.1 GB" in out and "tf_model.h5" not in out
     assert "ck/google-t5/t5-11b" in out and "dry run: nothing downloaded" in out
+
+
+def test_guardrail_repositories_like_upstream(monkeypatch, capsys):
+    """Both guardrail repositories by default, into <checkpoint_dir>/<org>/<repo>; Llama Guard without its
+    original/ consolidated copy, Cosmos-Guardrail1's three guard folders."""
+    dit, tok, t5, lg, g1 = _comps(guardrail=True)
+    assert lg.folder == "meta-llama/Llama-Guard-3-8B" and g1.folder == "nvidia/Cosmos-Guardrail1"
+    assert not any(n.startswith("original/") for n, _ in lg.files) and lg.size / 1e9 == pytest.approx(GUARD_GB, abs=0.01)  # + tokenizer, configs
+    names = {n for n, _ in g1.files}
+    assert "face_blur_filter/Resnet50_Final.pth" in names and "aegis/unused.bin" not in names
+    assert any(n.endswith("siglip-so400m-patch14-384/snapshots/9fdffc58afc957d1a03a25b10dba0329ab15c2a3/"
+                          "model.safetensors") for n in names)
+    assert "blocklist/nltk_data/tokenizers/punkt_tab/english/collocations.tab" in names
+    monkeypatch.setattr(dl, "hub_listing", lambda repo, token=None: LISTING[repo])
+    monkeypatch.setattr(dl, "download", lambda *a: pytest.fail("dry run must not download"))
+    assert dl.main(["--checkpoint_dir", "ck", "--dry_run"]) == 0
+    out = capsys.readouterr().out
+    assert "ck/meta-llama/Llama-Guard-3-8B" in out and "ck/nvidia/Cosmos-Guardrail1" in out
+    assert "consolidated" not in out and "total 79.8 GB" in out
+
+
+def test_gated_llama_guard_names_the_skip_flag(monkeypatch, capsys):
+    def listing(repo, token=None):
+        if repo == "meta-llama/Llama-Guard-3-8B":
+            raise GatedRepoError("Access to model is restricted.", response=_response(403, repo))
+        return LISTING[repo]
+
+    monkeypatch.setattr(dl, "hub_listing", listing)
+    monkeypatch.setattr(dl, "_token", lambda: "hf_x")
+    assert dl.main(["--dry_run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "meta-llama/Llama-Guard-3-8B is gated" in err and "--skip_guardrail" in err
+    assert dl.main(["--dry_run", "--skip_guardrail"]) == 0
 
 
 def _response(code: int, repo: str) -> httpx2.Response:
@@ -95,7 +144,7 @@ def _fake_7b_state_dict(cfg) -> dict:
     return sd
 
 
-def _make_copy(root, sd) -> None:
+def _make_copy(root, sd, guardrail: bool = True) -> None:
     dit = root / "Cosmos-Predict1-7B-Text2World-Sample-AV-Multiview"
     dit.mkdir(parents=True)
     torch.save(sd, dit / "model.pt")
@@ -104,6 +153,19 @@ def _make_copy(root, sd) -> None:
     t5.mkdir(parents=True)
     for name in ("config.json", "pytorch_model.bin", "spiece.model"):
         (t5 / name).write_text("{}")
+    if guardrail:  # the files the guardrails open (placeholders: --from_dir checks presence, as for T5)
+        for rel in ("meta-llama/Llama-Guard-3-8B/config.json", "meta-llama/Llama-Guard-3-8B/tokenizer_config.json",
+                    "meta-llama/Llama-Guard-3-8B/model-00001-of-00004.safetensors",
+                    "nvidia/Cosmos-Guardrail1/blocklist/custom/branding",
+                    "nvidia/Cosmos-Guardrail1/blocklist/whitelist/whitelist",
+                    "nvidia/Cosmos-Guardrail1/blocklist/exact_match/blocked",
+                    "nvidia/Cosmos-Guardrail1/blocklist/nltk_data/corpora/wordnet.zip",
+                    "nvidia/Cosmos-Guardrail1/video_content_safety_filter/safety_filter.pt",
+                    "nvidia/Cosmos-Guardrail1/video_content_safety_filter/models--google--siglip-so400m-patch14-384/"
+                    "snapshots/9fdffc58afc957d1a03a25b10dba0329ab15c2a3/config.json",
+                    "nvidia/Cosmos-Guardrail1/face_blur_filter/Resnet50_Final.pth"):
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (root / rel).write_text("x")
 
 
 def test_from_dir_imports_a_checked_copy(tmp_path, capsys):
@@ -113,8 +175,11 @@ def test_from_dir_imports_a_checked_copy(tmp_path, capsys):
     assert dl.main(["--from_dir", str(src), "--checkpoint_dir", str(dst)]) == 0
     assert "match our model" in capsys.readouterr().out
     for rel in ("Cosmos-Predict1-7B-Text2World-Sample-AV-Multiview/model.pt", "Cosmos-Tokenize1-CV8x8x8-720p/encoder.jit",
-                "google-t5/t5-11b/config.json"):
+                "google-t5/t5-11b/config.json", "nvidia/Cosmos-Guardrail1/face_blur_filter/Resnet50_Final.pth",
+                "meta-llama/Llama-Guard-3-8B/model-00001-of-00004.safetensors"):
         assert (dst / rel).is_file()
+    from mvmodel.guardrail import missing_files
+    assert missing_files(dst) == []  # what the inference CLI checks before loading the guards
     # the inference CLI recognises the imported folder as the released 6-view net
     from mvmodel.inference.model_dir import resolve_model
     spec = resolve_model(dst, "Cosmos-Predict1-7B-Text2World-Sample-AV-Multiview")
@@ -135,6 +200,13 @@ def test_from_dir_refuses_wrong_shapes_and_missing_files(tmp_path, capsys):
     assert "missing tensors: final_layer.linear.weight" in err
     assert "missing decoder.jit" in err
     assert not (tmp_path / "ck").exists()
+    # a copy without the guardrail models: refused, unless they are skipped
+    _make_copy(tmp_path / "b", _fake_7b_state_dict(preset("cosmos_7b_multiview_6view")), guardrail=False)
+    assert dl.main(["--from_dir", str(tmp_path / "b"), "--checkpoint_dir", str(tmp_path / "ck")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "meta-llama/Llama-Guard-3-8B" in err and "missing" in err
+    assert dl.main(["--from_dir", str(tmp_path / "b"), "--checkpoint_dir", str(tmp_path / "ck"),
+                    "--skip_guardrail"]) == 0
     assert dl.main(["--from_dir", str(tmp_path / "nowhere")]) == 2
     assert "no such folder" in capsys.readouterr().err
 

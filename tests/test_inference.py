@@ -62,7 +62,7 @@ def env(tmp_path_factory):
 
 def _cli(env, out, *extra):
     return run(["--checkpoint_dir", str(env["ck"]), "--t5_dir", env["t5"], "--num_steps", "3", "--no_progress",
-                "--video_save_folder", str(out), *extra])
+                "--video_save_folder", str(out), "--disable_guardrail", *extra])
 
 
 def _decode(path):

@@ -25,7 +25,7 @@ def _generate(env, out: Path, procs: int) -> subprocess.CompletedProcess:
                     "--diffusion_transformer_dir", "Tiny-Multiview_post-trained", "--t5_dir", env["t5"],
                     "--prompt", "A car drives on a highway.", "--num_steps", "3", "--no_progress", "--device", "cpu",
                     "--video_save_folder", str(out), "--video_save_name", "clip", "--save_latents",
-                    "--num_gpus", str(procs)]
+                    "--num_gpus", str(procs), "--disable_guardrail"]
     return subprocess.run(cmd, env=pyenv, cwd=REPO, capture_output=True, text=True, timeout=300)
 
 

@@ -53,7 +53,7 @@ def env(tmp_path_factory):
 def _args(env, out, model="good", *extra):
     return ["--checkpoint_dir", str(env["ck"]), "--diffusion_transformer_dir", model, "--t5_dir", env["t5"],
             "--num_steps", "2", "--no_progress", "--device", "cpu", "--video_save_folder", str(out),
-            "--prompt", "A road.", *extra]
+            "--prompt", "A road.", "--disable_guardrail", *extra]
 
 
 def _main(capsys, argv):

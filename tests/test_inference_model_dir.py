@@ -121,7 +121,7 @@ def test_cli_argument_errors(tiny_ckpt, tmp_path):
     root, cfg = tiny_ckpt
     write_model_dir(tmp_path / "ck" / "Tiny_post-trained", root / "w.pt", cfg, tokenizer_dir="builtin")
     base = ["--checkpoint_dir", str(tmp_path / "ck"), "--diffusion_transformer_dir", "Tiny_post-trained",
-            "--prompt", "x", "--t5_dir", str(tmp_path / "no_t5")]
+            "--prompt", "x", "--t5_dir", str(tmp_path / "no_t5"), "--disable_guardrail"]
     with pytest.raises(FileNotFoundError, match="--checkpoint_dir .*missing_dir does not exist"):
         run(["--checkpoint_dir", str(tmp_path / "missing_dir"), "--prompt", "x"])
     with pytest.raises(FileNotFoundError, match="Cosmos-Predict1-7B-Text2World-Sample-AV-Multiview not found"):

@@ -14,6 +14,14 @@ JSONL file, one object per line with the keys ``prompt`` (required), ``prompt_le
 (default: the line index). Unlike upstream, ``--tokenizer_dir`` is honoured (``builtin`` = the weight-free
 built-in tokenizer) and one GPU suffices: T5, DiT and tokenizer take turns on it.
 
+Guardrails (``mvmodel.guardrail``) run by default, unlike upstream's multi-view scripts, which load them and never
+call them: every view's prompt goes through the blocklist and Llama-Guard-3-8B before T5 runs, and every generated
+frame of every view through the video content filter before anything is written; faces are pixelated in what is
+written. A blocked prompt or video writes nothing and exits with status 3 and the guard's message; a guard that
+cannot run stops the generation (status 2). ``--guardrail_dir`` (default ``--checkpoint_dir``) holds
+``meta-llama/Llama-Guard-3-8B`` and ``nvidia/Cosmos-Guardrail1`` as ``python -m mvmodel.download`` lays them out;
+``--disable_guardrail`` turns them off.
+
 Several GPUs split one generation (context parallelism; rank 0 runs T5 and the decode and writes the files)::
 
     torchrun --standalone --nproc_per_node=2 -m mvmodel.inference.text2world_multiview --num_gpus 2 ...
@@ -87,8 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
       help="GPUs splitting each generation (context parallelism); > 1 under torchrun --nproc_per_node=N")
     a("--negative_prompt", default=None, help="ignored, as upstream's multi-view model (uncond = zero text)")
     a("--disable_prompt_upsampler", action="store_true", help="accepted; there is no prompt upsampler")
-    a("--disable_guardrail", action="store_true", help="accepted; there are no guardrail models")
-    for what in ("diffusion_transformer", "tokenizer", "text_encoder_model", "prompt_upsampler", "guardrail_models"):
+    a("--disable_guardrail", action="store_true",
+      help="do not run the guardrails (prompt blocklist and Llama Guard 3, video content filter, face pixelation)")
+    a("--guardrail_dir", default=None,
+      help="folder holding meta-llama/Llama-Guard-3-8B and nvidia/Cosmos-Guardrail1 (default: --checkpoint_dir)")
+    a("--offload_guardrail_models", action="store_true",
+      help="run the guardrail models on the CPU (by default they use the GPU only while they run)")
+    for what in ("diffusion_transformer", "tokenizer", "text_encoder_model", "prompt_upsampler"):
         a(f"--offload_{what}", action="store_true", help="accepted; models leave the GPU when not in use anyway")
     return ap
 
@@ -180,6 +193,36 @@ def setup_gpus(args) -> tuple[object | None, bool]:
     return dist.group.WORLD, info.is_main
 
 
+def _on_main(cp_group, is_main: bool, fn):
+    """Run a guard on rank 0 only (one Llama Guard load, not one per rank); its verdict reaches every rank."""
+    from ..guardrail import GuardrailBlocked, GuardrailError
+
+    if cp_group is None:
+        return fn()
+    verdict = [None]
+    if is_main:
+        try:
+            fn()
+        except (GuardrailBlocked, GuardrailError) as exc:
+            verdict = [(isinstance(exc, GuardrailBlocked), str(exc))]
+    dist.broadcast_object_list(verdict, src=0, group=cp_group)
+    if verdict[0] is not None:
+        blocked, msg = verdict[0]
+        raise (GuardrailBlocked if blocked else GuardrailError)(msg)
+    return None
+
+
+def make_guardrails(args, device, ckpt: Path):
+    """The guardrails of this run, or None with --disable_guardrail; missing checkpoints are one error line."""
+    if args.disable_guardrail:
+        log.warning("guardrails disabled (--disable_guardrail): prompts and videos are not checked and faces are "
+                    "not pixelated")
+        return None
+    from ..guardrail import Guardrails
+
+    return Guardrails(args.guardrail_dir or ckpt, device, offload=args.offload_guardrail_models)
+
+
 def run(argv: list[str] | None = None) -> list[dict[str, Path]]:
     """Parse, generate and save; returns the written paths per video. Raises ValueError / OSError (user errors)."""
     from .pipeline import MultiviewGenerationPipeline, check_video_size, resolve_device
@@ -210,6 +253,12 @@ def run(argv: list[str] | None = None) -> list[dict[str, Path]]:
     if args.negative_prompt:
         log.warning("--negative_prompt is ignored: the multi-view model's unconditional branch is zero text")
     out_dir = prepare_output_folder(args.video_save_folder)
+    guard = make_guardrails(args, device, ckpt)
+    t0 = time.time()
+    if guard is not None:  # before T5: a blocked prompt costs no generation
+        _on_main(cp_group, is_main, lambda: guard.check_prompts(
+            [(f"video {name!r}, {slot} camera", ps[slot]) for name, _, ps in sets
+             for slot in sorted(spec.slots, key=list(SLOT_ARGS).index)]))  # front first, as the outputs list them
     dtype = getattr(torch, args.dtype) if args.dtype else None
     pipe = MultiviewGenerationPipeline(spec, t5_dir=t5_dir, tokenizer_dir=tok_dir, device=device, dtype=dtype,
                                        attention_backend=args.attention_backend, t5_dtype=getattr(torch, args.t5_dtype),
@@ -219,7 +268,6 @@ def run(argv: list[str] | None = None) -> list[dict[str, Path]]:
              spec.weights, spec.source, spec.n_views, list(spec.slots), len(sets), opt["num_video_frames"],
              opt["height"], opt["width"], opt["fps"], args.num_steps, args.guidance,
              f"; context parallel over {args.num_gpus} ranks" if cp_group is not None else "")
-    t0 = time.time()
     videos = pipe.generate([ps for _, _, ps in sets], seeds=[seed for _, seed, _ in sets], num_steps=args.num_steps,
                            guidance=args.guidance, fps=float(opt["fps"]), num_video_frames=int(opt["num_video_frames"]),
                            height=int(opt["height"]), width=int(opt["width"]),
@@ -227,6 +275,16 @@ def run(argv: list[str] | None = None) -> list[dict[str, Path]]:
     written = []
     if not is_main:  # rank 0 writes every file
         return written
+    if guard is not None:  # every video is checked before any file is written
+        order = sorted(range(spec.n_views), key=lambda v: list(SLOT_ARGS).index(spec.slots[v]))  # front first
+        checked = []
+        for (name, _, _), video in zip(sets, videos):
+            out = torch.empty_like(video)
+            out[order] = guard.check_video(video[order], [f"video {name!r}, {spec.slots[v]} camera" for v in order])
+            checked.append(out)
+        videos = checked
+        log.info("guardrails: %.1f s of %.1f s (%s)", sum(v for k, v in guard.timings.items()), time.time() - t0,
+                 ", ".join(f"{k} {v:.1f} s" for k, v in guard.timings.items()))
     for (name, _, ps), video, latent in zip(sets, videos, pipe.latents):
         paths = save_outputs(out_dir, name, video, spec.slots, ps, float(opt["fps"]))
         log.info("saved %s, %s, %s", *paths.values())
@@ -240,8 +298,13 @@ def run(argv: list[str] | None = None) -> list[dict[str, Path]]:
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s", datefmt="%H:%M:%S")
+    from ..guardrail import GuardrailBlocked
+
     try:
         run(argv)
+    except GuardrailBlocked as exc:  # the content, not the command, is refused: its own status
+        print(f"blocked: {exc}", file=sys.stderr)
+        sys.exit(3)
     except (ValueError, OSError) as exc:  # user and environment errors: one line, no traceback; bugs still trace
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
