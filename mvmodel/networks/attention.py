@@ -143,6 +143,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         raise RuntimeError("attention_backend='hybrid' needs mvkernels.qk_norm_rope; use attention_backend='sdpa'")
     if backend == "fa4" and not _fa4().available():
         raise RuntimeError(f"attention_backend='fa4': {_fa4().install_hint()}")
+    if backend == "int8" and _int8_op() is None:  # set directly only by benches; models use the precision option
+        raise RuntimeError("attention backend 'int8' needs mvkernels.ops.mv_attention_int8, which is not installed")
     return backend
 
 
