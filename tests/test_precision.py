@@ -181,3 +181,45 @@ def test_int8_attention_path_with_the_reference_kernel(monkeypatch):
     assert calls == [3, 3, 3]  # self-attention of blocks 0..2 (block 3 is bf16), the net's 3 views
     rel = ((y - y_ref).norm() / y_ref.norm()).item()
     assert 0 < rel < 0.05
+
+
+def test_set_precision_mode_selects_converted_parts():
+    from mvmodel.networks.precision import set_precision_mode
+
+    ref, net = _net(), _net()
+    x, t, c = _inputs()
+    apply_precision(net, Precision("fp8-linear"), quantize=e4m3_rowwise)
+    with torch.no_grad():
+        y_ref, y8 = ref(x, t, c), (set_sampling_step(net, 0), net(x, t, c))[1]
+        set_precision_mode(net, "bf16")
+        set_sampling_step(net, 0)
+        assert torch.equal(net(x, t, c), y_ref)
+        set_precision_mode(net, "fp8-linear")
+        set_sampling_step(net, 0)
+        assert torch.equal(net(x, t, c), y8) and not torch.equal(y8, y_ref)
+    with pytest.raises(ValueError, match=r"precision mode 'fp8-attn': the net was converted for 'fp8-linear'"):
+        set_precision_mode(net, "fp8-attn")
+    with pytest.raises(ValueError, match="converted for 'nothing'"):
+        set_precision_mode(ref, "bf16")
+
+
+def test_more_bf16_blocks_and_steps_at_run_time():
+    from mvmodel.networks.precision import set_precision_mode
+
+    net = _net()
+    x, t, c = _inputs()
+    apply_precision(net, Precision("fp8-linear", bf16_blocks=(0,)), quantize=e4m3_rowwise)
+    with torch.no_grad():
+        set_sampling_step(net, 0)
+        y_all = net(x, t, c)
+        set_precision_mode(net, "fp8-linear", bf16_blocks=(0, 1, 2, 3))  # every block bf16: the bf16 net
+        set_sampling_step(net, 0)
+        y_none = net(x, t, c)
+        set_precision_mode(net, "bf16")
+        set_sampling_step(net, 0)
+        assert torch.equal(net(x, t, c), y_none)
+        set_precision_mode(net, "fp8-linear", bf16_steps=2)
+        assert not set_sampling_step(net, 1) and set_sampling_step(net, 2)
+        assert torch.equal(net(x, t, c), y_all)
+    with pytest.raises(ValueError, match=r"blocks \[0\] were kept bf16 when the net was converted"):
+        set_precision_mode(net, "fp8-linear", bf16_blocks=())

@@ -236,7 +236,7 @@ def apply_precision(net: nn.Module, precision: Precision, *,
                 m.register_buffer("qkv_fp8", quantize(w), persistent=False)
             else:
                 Fp8Switch.convert(m, quantize)
-    net.precision = effective
+    net.precision = net._converted_precision = effective
     set_sampling_step(net, 0 if effective.bf16_steps == 0 else -1)  # bf16 until the first step says otherwise
     if effective.mode != "bf16":
         log.info("precision %s: bf16 blocks %s, first %d step(s) in bf16", effective.mode, sorted(bf16),
@@ -245,22 +245,46 @@ def apply_precision(net: nn.Module, precision: Precision, *,
 
 
 def set_sampling_step(net: nn.Module, step: int) -> bool:
-    """Switch the converted parts of ``net`` for sampling step ``step`` (0-based): bf16 before ``bf16_steps``,
-    8-bit from then on. Returns whether 8-bit parts are on. Cheap: Python attribute writes only."""
+    """Switch the converted parts of ``net`` for sampling step ``step`` (0-based): bf16 before ``bf16_steps`` and
+    in ``bf16_blocks``, 8-bit elsewhere. Returns whether 8-bit parts are on. Cheap: Python attribute writes, and
+    only when the setting changes."""
     from .attention import Attention  # noqa: PLC0415
 
     precision: Precision | None = getattr(net, "precision", None)
     if precision is None:  # never converted: nothing to switch
         return False
     on = precision.mode != "bf16" and step >= precision.bf16_steps
-    if getattr(net, "_precision_on", None) is on:
+    if getattr(net, "_precision_on", None) == (on, precision):
         return on
-    for m in net.modules():
-        if isinstance(m, Attention):
-            m.attn_8bit = on and m.attn_8bit_enabled
-            if hasattr(m, "qkv_fp8"):
-                m.qkv_fp8_on = on
-        elif isinstance(m, Fp8Switch):
-            m.fp8 = on
-    net._precision_on = on
+    bf16 = precision.block_set(len(net.blocks))
+    for i, tb in enumerate(net.blocks.values()):
+        attn8 = on and precision.attention_8bit and i not in bf16
+        lin8 = on and precision.linear_fp8 and i not in bf16
+        for m in tb.modules():
+            if isinstance(m, Attention):
+                m.attn_8bit = attn8 and m.attn_8bit_enabled
+                m.qkv_fp8_on = lin8 and hasattr(m, "qkv_fp8")
+            elif isinstance(m, Fp8Switch):
+                m.fp8 = lin8
+    net._precision_on = (on, precision)
     return on
+
+
+def set_precision_mode(net: nn.Module, mode: str, *, bf16_blocks: tuple[int, ...] | None = None,
+                       bf16_steps: int | None = None) -> Precision:
+    """Run a net converted by ``apply_precision`` with some of its converted parts only: another mode (e.g. a
+    bench timing "fp8-attn", "fp8-linear" and "fp8" on one net converted for "fp8"; "bf16" turns every part off),
+    more bf16 blocks (any superset of the converted net's) or another ``bf16_steps``, without converting again."""
+    have: Precision = getattr(net, "_converted_precision", None) or Precision("bf16", ())
+    converted = hasattr(net, "_converted_precision")
+    want = Precision(mode, have.bf16_blocks if bf16_blocks is None else bf16_blocks,
+                     have.bf16_steps if bf16_steps is None else bf16_steps)
+    if not converted or (want.attention_8bit and not have.attention_8bit) or (want.linear_fp8 and not have.linear_fp8):
+        raise ValueError(f"precision mode {mode!r}: the net was converted for "
+                         f"{have.mode if converted else 'nothing'!r} (apply_precision), which lacks a part it needs")
+    n = len(net.blocks)
+    if not have.block_set(n) <= want.block_set(n):
+        raise ValueError(f"bf16_blocks={want.bf16_blocks}: blocks {sorted(have.block_set(n) - want.block_set(n))} "
+                         f"were kept bf16 when the net was converted; convert again to put them in 8 bits")
+    net.precision = want
+    return want
