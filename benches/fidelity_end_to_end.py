@@ -139,7 +139,8 @@ def run_7b(args, out: Path) -> dict:
     res = {"shape": {"views": V, "frames": args.frames, "height": args.height, "width": args.width,
                      "tokens": tokens, "batch": 2, "steps": args.steps, "guidance": args.guidance, "seed": args.seed},
            "runs": {}}
-    print(f"[{'small net' if args.small else '7B'}] {tokens} tokens x batch 2, {args.steps} steps, built in {time.time() - t0:.0f} s", flush=True)
+    print(f"[{'small net' if args.small else '7B'}] {tokens} tokens x batch 2, {args.steps} steps, built in "
+          f"{time.time() - t0:.0f} s", flush=True)
 
     def cond_for(dtype):
         return make_condition(text, V, 24.0, args.height, args.width, [0, 0, 0, 0, 10, 10], dev, dtype)
