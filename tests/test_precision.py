@@ -73,6 +73,14 @@ def test_parse_blocks():
         parse_blocks("first")
 
 
+def test_fp32_net_keeps_fp8_linears_off(caplog, monkeypatch):
+    monkeypatch.setattr(precision_mod, "fp8_linear_status", lambda device: (True, ""))  # as on an H200
+    with caplog.at_level(logging.WARNING, logger="mvmodel.precision"):
+        p = resolve_precision(Precision("fp8-linear"), torch.device("cpu"), torch.float32)
+    assert p.mode == "bf16" and [r.getMessage() for r in caplog.records] == [
+        "precision fp8-linear: FP8 linears take a bf16 net, this one is torch.float32 (--dtype); linears run in bf16"]
+
+
 def test_cpu_falls_back_to_bf16_with_one_line_each(caplog):
     with caplog.at_level(logging.WARNING, logger="mvmodel.precision"):
         p = resolve_precision(Precision("fp8", bf16_steps=2), torch.device("cpu"))
@@ -169,7 +177,7 @@ def test_int8_attention_path_with_the_reference_kernel(monkeypatch):
     monkeypatch.setattr(precision_mod, "int8_attention_status", lambda device: (True, ""))
     monkeypatch.setattr(attention_mod, "_INT8", types.SimpleNamespace(mv_attention_int8=reference))
     monkeypatch.setattr(attention_mod, "_int8_serves", lambda q: True)
-    ref, net = _net(), _net()
+    ref, net = _net().bfloat16(), _net().bfloat16()  # the 8-bit path takes bf16/fp16 nets
     x, t, c = _inputs()
     assert apply_precision(net, Precision("fp8-attn", bf16_blocks=(-1,), bf16_steps=1)).mode == "fp8-attn"
     with torch.no_grad():

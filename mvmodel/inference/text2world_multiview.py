@@ -218,7 +218,9 @@ def run(argv: list[str] | None = None) -> list[dict[str, Path]]:
         raise ValueError(f"--n_views {args.n_views} does not match the model: {spec.weights} is a {spec.n_views}-view "
                          f"net (views {list(spec.slots)}, from {spec.source})")
     # Checked and resolved before any model loads: what cannot run on this device is said here, in one line.
-    precision = resolve_precision(precision_of(args, spec.net_config.num_blocks), device)
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    net_dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)  # the pipeline's default
+    precision = resolve_precision(precision_of(args, spec.net_config.num_blocks), device, net_dtype)
     sets = prompt_sets(args, spec.slots)
     opt = {k: getattr(args, k) if getattr(args, k) is not None else spec.defaults.get(k, v)
            for k, v in INFERENCE_DEFAULTS.items()}
@@ -233,7 +235,6 @@ def run(argv: list[str] | None = None) -> list[dict[str, Path]]:
     if args.negative_prompt:
         log.warning("--negative_prompt is ignored: the multi-view model's unconditional branch is zero text")
     out_dir = prepare_output_folder(args.video_save_folder)
-    dtype = getattr(torch, args.dtype) if args.dtype else None
     pipe = MultiviewGenerationPipeline(spec, t5_dir=t5_dir, tokenizer_dir=tok_dir, device=device, dtype=dtype,
                                        attention_backend=args.attention_backend, t5_dtype=getattr(torch, args.t5_dtype),
                                        batch_cfg=not args.sequential_cfg, offload=not args.no_offload,

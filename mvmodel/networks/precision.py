@@ -196,16 +196,22 @@ def fp8_linear_targets(net: nn.Module, bf16_blocks: frozenset[int]) -> dict[str,
 
 
 # ---------------------------------------------------------------------------------------------- apply / switch
-def resolve_precision(precision: Precision, device: torch.device, *, check_linears: bool = True) -> Precision:
-    """The precision that can run on ``device``: each 8-bit part that cannot is logged in one line and left bf16."""
+def resolve_precision(precision: Precision, device: torch.device, dtype: torch.dtype = torch.bfloat16, *,
+                      check_linears: bool = True) -> Precision:
+    """The precision that can run on ``device`` for a net in ``dtype``: each 8-bit part that cannot is logged in
+    one line and left in the net's dtype."""
     attn8, lin8 = precision.attention_8bit, precision.linear_fp8
     if attn8:
         ok, why = int8_attention_status(device)
+        if ok and dtype not in (torch.bfloat16, torch.float16):
+            ok, why = False, f"8-bit attention takes a bf16/fp16 net, this one is {dtype} (--dtype)"
         if not ok:
             log.warning("precision %s: %s; attention runs in bf16", precision.mode, why)
             attn8 = False
     if lin8 and check_linears:
         ok, why = fp8_linear_status(device)
+        if ok and dtype != torch.bfloat16:  # torchao's per-row float8 quantizes bf16 weights only
+            ok, why = False, f"FP8 linears take a bf16 net, this one is {dtype} (--dtype)"
         if not ok:
             log.warning("precision %s: %s; linears run in bf16", precision.mode, why)
             lin8 = False
@@ -221,7 +227,8 @@ def apply_precision(net: nn.Module, precision: Precision, *,
     from .attention import Attention  # noqa: PLC0415
 
     bf16 = precision.block_set(len(net.blocks))
-    effective = resolve_precision(precision, next(net.parameters()).device, check_linears=quantize is None)
+    p0 = next(net.parameters())
+    effective = resolve_precision(precision, p0.device, p0.dtype, check_linears=quantize is None)
     attn8, lin8 = effective.attention_8bit, effective.linear_fp8
     quantize = quantize or quantize_weight_fp8
     for i, tb in enumerate(net.blocks.values()):
