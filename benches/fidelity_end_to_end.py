@@ -252,7 +252,8 @@ def run_demo(args, out: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=__doc__.split("\n\n", 1)[1])
     ap.add_argument("--out", required=True, help="folder for fidelity.json and the Q/K/V captures")
     ap.add_argument("--frames", type=int, default=9, help="frames per view, 1 + 8k (default 9: 2 latent frames)")
     ap.add_argument("--height", type=int, default=256, help="pixels, multiple of 16 (default 256)")

@@ -120,7 +120,8 @@ def int8_attention_status(device: torch.device) -> tuple[bool, str]:
         return False, f"8-bit attention needs a Hopper GPU (sm_90), the net is on {device}"
     major, minor = torch.cuda.get_device_capability(device)
     if major != 9:
-        return False, f"8-bit attention needs a Hopper GPU (sm_90), {torch.cuda.get_device_name(device)} is sm_{major}{minor}"
+        name = torch.cuda.get_device_name(device)
+        return False, f"8-bit attention needs a Hopper GPU (sm_90), {name} is sm_{major}{minor}"
     avail = getattr(mod, "available", None)
     if avail is not None:
         res = avail()
@@ -136,7 +137,8 @@ def fp8_linear_status(device: torch.device) -> tuple[bool, str]:
         return False, f"FP8 linears need a CUDA GPU of compute capability >= 8.9 (Ada/Hopper), the net is on {device}"
     if torch.cuda.get_device_capability(device) < (8, 9):
         major, minor = torch.cuda.get_device_capability(device)
-        return False, f"FP8 linears need compute capability >= 8.9, {torch.cuda.get_device_name(device)} is {major}.{minor}"
+        name = torch.cuda.get_device_name(device)
+        return False, f"FP8 linears need compute capability >= 8.9, {name} is {major}.{minor}"
     try:
         import torchao  # noqa: F401, PLC0415 - optional extra
     except ImportError:
