@@ -11,7 +11,8 @@ step output's relative difference to the bf16 row. A variant whose part cannot r
 Run on a GPU:  pytest benches/bench_inference_precision.py -s --benchmark-json=run.json
                python benches/bench_inference_precision.py [--small] [--variants bf16,fp8] [--rep 3]
 Env: MVB_SMALL=1 (width 1024, 4 blocks, 768 tokens), MVB_REP (timed steps, default 3 full / 10 small),
-     MVB_PREC_VARIANTS (default bf16,fp8-attn,fp8-linear,fp8).
+     MVB_PREC_VARIANTS (default bf16,fp8-attn,fp8-linear,fp8), MVB_DEVICE=cpu (dry-run of the harness logic only,
+     with MVB_SMALL=1: eager, every 8-bit row unavailable).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_inference_step import PEAK_FLOPS, build_net, inputs  # noqa: E402
+from bench_inference_step import DEVICE, PEAK_FLOPS, _time_ms, build_net, inputs  # noqa: E402
 from conftest import cuda_time, record  # noqa: E402
 
 DEFAULT_VARIANTS = "bf16,fp8-attn,fp8-linear,fp8"
@@ -44,8 +45,9 @@ def run(small: bool = False, variants: list[str] | None = None, rep: int | None 
     print(f"\n[inference precision] {net.num_parameters() / 1e9:.2f}B params (built in {build_s:.1f} s), {tokens} "
           f"tokens x batch 2, {flops / 1e12:.1f} TFLOP per step (bf16 count); converted: {have.mode}, bf16 blocks "
           f"{sorted(have.block_set(len(net.blocks)))}")
-    for name, blk in list(net.blocks.items()):
-        net.blocks[name] = torch.compile(blk)
+    if DEVICE == "cuda":  # (MVB_DEVICE=cpu dry-runs the harness logic eagerly)
+        for name, blk in list(net.blocks.items()):
+            net.blocks[name] = torch.compile(blk)
     results, ref = {}, None
     for variant in variants:
         try:
@@ -59,10 +61,13 @@ def run(small: bool = False, variants: list[str] | None = None, rep: int | None 
             return euler_step_cfg(net, x, 1.3, 1.1, cond, uncond, 7.0, True)
 
         out = step()  # also compiles this setting
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        ms = cuda_time(step, warmup=0, rep=rep, flush_l2=False)  # step() above warmed it
-        peak = torch.cuda.max_memory_allocated() / 2**30
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            ms = cuda_time(step, warmup=0, rep=rep, flush_l2=False)  # step() above warmed it
+            peak = torch.cuda.max_memory_allocated() / 2**30
+        else:
+            ms, peak = _time_ms(step, rep), float("nan")
         if ref is None:
             ref = out.float()
         diff = ((out.float() - ref).norm() / ref.norm()).item()
@@ -76,7 +81,8 @@ def run(small: bool = False, variants: list[str] | None = None, rep: int | None 
                    steps35_min=r["steps35_min"], peak_gib=peak, rel_diff_vs_first=diff, tokens=tokens)
         del out
         gc.collect()
-        torch.cuda.empty_cache()
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
     if "bf16" in results:
         for v in results:
             if v != "bf16":

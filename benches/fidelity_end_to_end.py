@@ -188,8 +188,9 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
 
 
-@torch.no_grad()
-def run_demo(args, out: Path) -> dict:
+def run_demo(args, out: Path) -> dict:  # not under no_grad: it trains first
+    from bench_inference_step import DEVICE
+
     from mvmodel import demo
     from mvmodel.configs import make_config
     from mvmodel.data import MultiviewDataset
@@ -205,7 +206,7 @@ def run_demo(args, out: Path) -> dict:
     net_over = dict(make_config("mvmodel/configs/multiview.py", "text2world_multiview_demo", []).model.net_overrides)
     net_over["num_heads"] = 2  # head dim 64 (the demo's 4 heads of 32 are below the 8-bit kernel's head dims)
     t0 = time.time()
-    _, job = demo.train(ds, tok_dir, root, args.demo_steps, "cuda", fresh=True,
+    _, job = demo.train(ds, tok_dir, root, args.demo_steps, DEVICE, fresh=True,
                         extra_overrides=(f"model.net_overrides={json.dumps(net_over)}",))
     train_s = time.time() - t0
     cfg = json.loads((job / "config.json").read_text())
@@ -213,19 +214,20 @@ def run_demo(args, out: Path) -> dict:
     over = dict(cfg["model"]["net_overrides"], camera_names=tuple(cfg["model"]["net_overrides"]["camera_names"]))
     net = MultiviewDiT(preset(cfg["model"]["net"], **over)).eval().requires_grad_(False)
     load_cosmos_checkpoint(net, ck.dir / iter_name(ck.latest(), "ema_model"), strict=True)
-    net = net.to("cuda", torch.bfloat16)
+    net = net.to(DEVICE, torch.bfloat16)
     d = cfg["data"]
     V = len(d["view_keys"])
-    tok = load_tokenizer(cfg["model"]["tokenizer_dir"], pixel_chunk_duration=d["num_frames"], device="cuda",
+    tok = load_tokenizer(cfg["model"]["tokenizer_dir"], pixel_chunk_duration=d["num_frames"], device=DEVICE,
                          dtype=torch.float32)
     item = MultiviewDataset(ds, num_frames=d["num_frames"], view_keys=d["view_keys"],
                             video_size=tuple(d["video_size"]), return_captions=True)[0]
     batch = {k: (v[None] if isinstance(v, torch.Tensor) else v) for k, v in item.items()}
-    cond, uncond = condition_uncondition(batch, n_views=V, device=torch.device("cuda"))
+    cond, uncond = condition_uncondition(batch, n_views=V, device=torch.device(DEVICE))
     shape = (1, 16, V * (1 + (d["num_frames"] - 1) // 8), d["video_size"][0] // 8, d["video_size"][1] // 8)
-    noise = initial_noise(shape, generator=torch.Generator().manual_seed(args.seed), device="cuda")
+    noise = initial_noise(shape, generator=torch.Generator().manual_seed(args.seed), device=DEVICE)
     sigmas = karras_sigmas(args.steps).float().tolist()
 
+    @torch.no_grad()
     def decoded(capture=None):
         z = sample(net, noise, cond, uncond, sigmas, args.demo_guidance, capture)
         return tok.decode_views(z.float() / 0.5, V)[0].float().cpu()

@@ -231,3 +231,36 @@ def test_more_bf16_blocks_and_steps_at_run_time():
         assert torch.equal(net(x, t, c), y_all)
     with pytest.raises(ValueError, match=r"blocks \[0\] were kept bf16 when the net was converted"):
         set_precision_mode(net, "fp8-linear", bf16_blocks=())
+
+
+def test_torchao_fp8_weights_keep_zero_rows_finite():
+    """torchao's real float8 quantization (its CUDA hardware gate lifted: the math is plain PyTorch and runs on the
+    CPU): a zero activation row - the unconditional pass's cross-attention output is exactly 0 - stays 0, not
+    0/0 = NaN; a layer with an all-zero weight row stays bf16."""
+    pytest.importorskip("torchao")
+    from torchao.quantization import quant_api
+
+    if not hasattr(quant_api, "_check_hardware_support"):
+        pytest.skip("this torchao has no hardware gate to lift")
+    from mvmodel.networks.precision import quantize_weight_fp8
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(quant_api, "_check_hardware_support", lambda granularity: None)
+    try:
+        net = _net().bfloat16()
+        x, t, c = _inputs()
+        with torch.no_grad():
+            net.blocks.block2.blocks[2].block.layer2.weight[3] = 0
+            y_ref = net(torch.cat([x, x]), t.expand(2), torch.cat([c, torch.zeros_like(c)]))
+            apply_precision(net, Precision("fp8-linear", bf16_blocks=()), quantize=quantize_weight_fp8)
+            set_sampling_step(net, 0)
+            y = net(torch.cat([x, x]), t.expand(2), torch.cat([c, torch.zeros_like(c)]))
+    finally:
+        mp.undo()
+    assert not isinstance(net.blocks.block2.blocks[2].block.layer2, Fp8Switch)
+    assert type(net.blocks.block1.blocks[2].block.layer2.weight_fp8) is not torch.Tensor  # torchao's float8 tensor
+    assert torch.isfinite(y).all() and 0 < _rel32(y, y_ref) < 0.05
+
+
+def _rel32(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()

@@ -154,7 +154,9 @@ def quantize_weight_fp8(weight: Tensor) -> Tensor:
 
     holder = nn.Sequential(nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta"))
     holder[0].weight = nn.Parameter(weight.detach(), requires_grad=False)
-    quantize_(holder, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
+    # activation_value_lb: an all-zero activation row (the unconditional pass's zero text makes the cross-attention
+    # output exactly 0) would get scale 0 and quantize to 0/0 = NaN; a tiny floor keeps it 0.
+    quantize_(holder, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), activation_value_lb=1e-12))
     return holder[0].weight.detach()
 
 
@@ -240,8 +242,12 @@ def apply_precision(net: nn.Module, precision: Precision, *,
                 m.attn_8bit = False
     if lin8:
         for name, m in fp8_linear_targets(net, bf16).items():
-            if isinstance(m, Attention):  # one fused q/k/v weight, as the bf16 path's single GEMM
-                w = torch.cat([m.to_q[0].weight, m.to_k[0].weight, m.to_v[0].weight])
+            fused = isinstance(m, Attention)  # one fused q/k/v weight, as the bf16 path's single GEMM
+            w = torch.cat([m.to_q[0].weight, m.to_k[0].weight, m.to_v[0].weight]) if fused else m.weight
+            if not bool(w.abs().amax(1).gt(0).all()):  # a zero row's scale would be 0: 0/0 = NaN
+                log.info("precision: %s keeps bf16 (a weight row is all zeros)", name)
+                continue
+            if fused:
                 m.register_buffer("qkv_fp8", quantize(w), persistent=False)
             else:
                 Fp8Switch.convert(m, quantize)
