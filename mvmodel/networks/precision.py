@@ -33,6 +33,7 @@ kernel, the part that cannot run says so in one log line and stays bf16.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import logging
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -104,11 +105,10 @@ class Precision:
 # ---------------------------------------------------------------------------------------------- what can run here
 def int8_attention_module():
     """``mvkernels.ops.mv_attention_int8`` or the reason it cannot be imported (a string)."""
-    try:
-        from mvkernels.ops import mv_attention_int8  # noqa: PLC0415 - optional op, may not be built
+    try:  # the module itself (never a same-named function a package __init__ may re-export)
+        return importlib.import_module("mvkernels.ops.mv_attention_int8")
     except Exception as exc:  # noqa: BLE001 - a missing or broken op must leave the bf16 path working
         return f"mvkernels.ops.mv_attention_int8 is not installed ({type(exc).__name__}: {exc})"
-    return mv_attention_int8
 
 
 def int8_attention_status(device: torch.device) -> tuple[bool, str]:
@@ -124,7 +124,10 @@ def int8_attention_status(device: torch.device) -> tuple[bool, str]:
         return False, f"8-bit attention needs a Hopper GPU (sm_90), {name} is sm_{major}{minor}"
     avail = getattr(mod, "available", None)
     if avail is not None:
-        res = avail()
+        try:
+            res = avail()
+        except TypeError:  # a variant that asks which device
+            res = avail(device)
         ok, why = res if isinstance(res, tuple) else (bool(res), "its kernel is not built")
         if not ok:
             return False, f"mv_attention_int8 cannot run: {why}"
