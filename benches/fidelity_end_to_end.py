@@ -165,7 +165,9 @@ def run_7b(args, out: Path) -> dict:
     have = apply_precision(net, Precision("fp8", bf16_blocks=(), bf16_steps=0))  # every part this GPU can run
     res["converted"] = have.mode
     settings = [(m, (0, -1), 0) for m in MODES_8BIT]
-    settings += [(m, b, s) for m in ("fp8", "fp8-attn") for b in args.sweep_blocks for s in args.sweep_steps
+    # The sweep: the full 8-bit mode this GPU runs, and 8-bit attention alone (the risky part) when it runs.
+    sweep = {"fp8": ("fp8", "fp8-attn"), "bf16": ()}.get(have.mode, (have.mode,))
+    settings += [(m, b, s) for m in sweep for b in args.sweep_blocks for s in args.sweep_steps
                  if (b, s) != ((0, -1), 0)]
     for mode, blocks, steps in settings:
         key = f"{mode} bf16_blocks={','.join(map(str, blocks)) or 'none'} bf16_steps={steps}"
