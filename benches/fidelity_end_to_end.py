@@ -11,8 +11,8 @@
 (b) During the bf16 run, the Q/K/V entering the self-attention of ``--capture_blocks`` at ``--capture_steps``
     (several noise levels) are saved for the kernel fidelity suite: ``DIR/qkv/7b_block{b}_step{i}.pt`` holding
     q, k, v [1, S, heads, 128] bf16 (the conditional sample, the first ``--capture_heads`` heads; before the
-    per-head RMSNorm, exactly what ``mv_attention_int8`` receives), the norm weights, eps, the RoPE angles, sigma,
-    n_views and the connectivity.
+    per-head RMSNorm, exactly what ``mv_attention_int8`` receives), the norm weights, eps, sigma, n_views, the
+    connectivity and the name of the RoPE angles file beside it (``7b_rope_angles.pt``, [S, 128] fp32).
 (c) ``--demo``: trains the demo model (``mvmodel.demo``'s data and recipe) on the GPU with 2 heads of dim 64
     instead of its 4 of dim 32 (the 8-bit kernel takes head dims 64 and 128), samples the same seed in bf16 and in
     each 8-bit precision, decodes, and reports the PSNR of the decoded frames against the bf16 ones (target
@@ -74,13 +74,23 @@ class QKVCapture:
                             "v": v[:1, :, :heads].contiguous().cpu(),
                             "q_norm_weight": attn.to_q[1].weight.detach().cpu(),
                             "k_norm_weight": attn.to_k[1].weight.detach().cpu(), "eps": attn.to_q[1].eps,
-                            "rope_angles": None if rope_angles is None else rope_angles.cpu(), "n_views": n_views,
+                            "rope_angles": self._angles_file(rope_angles, out, prefix), "n_views": n_views,
                             "connectivity": connectivity, "sigma": self.sigma, "step": self.step, "block": block},
                            path)
                 self.saved.append(str(path))
             return core(q, k, v, rope_angles, n_views, connectivity)
 
         return capture
+
+    @staticmethod
+    def _angles_file(rope_angles, out: Path, prefix: str) -> str | None:
+        """The RoPE angles [S, head_dim] fp32 are the same for every block and step: saved once, by name."""
+        if rope_angles is None:
+            return None
+        path = out / f"{prefix}_rope_angles.pt"
+        if not path.exists():
+            torch.save(rope_angles.cpu(), path)
+        return path.name
 
     def remove(self) -> None:
         for attn in self.attns.values():
