@@ -5,7 +5,10 @@ view-sparse "ring1"), per-view text cross-attention (5 x 512 keys); each as infe
 training (forward + backward). What is timed is ``Attention.core`` (per-head QK-norm, RoPE and the attention
 kernel, exactly what a block runs), with backends sdpa / hybrid / mvkernels / fa4 (fa4 only when
 flash-attn-4 imports). Each case's backends are written fastest first into
-``mvmodel/networks/attention_table.json`` under this GPU's name, with the medians.
+``mvmodel/networks/attention_table.json`` under this GPU's name, with the medians. With
+``mvkernels.ops.mv_attention_int8`` installed, the self-attention inference cases are also timed as "/8bit" cases
+(the 8-bit kernel "int8" next to the bf16 backends): the row "auto" reads when the precision asks for 8-bit
+attention; "int8" enters it only within 5% relative L2 of the bf16 result.
 
 Run on a GPU:  pytest benches/bench_attention_choice.py -s --benchmark-json=run.json
                python benches/bench_attention_choice.py [--no-write]
@@ -22,11 +25,12 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from conftest import cuda_time, record  # noqa: E402
 
-from mvmodel.networks.attention import AUTO_TABLE, Attention, _can_run, auto_case  # noqa: E402
+from mvmodel.networks.attention import AUTO_TABLE, Attention, _can_run, _int8_op, auto_case  # noqa: E402
 
 DIM, HEADS, DH, CTX_DIM = 4096, 32, 128, 1024
 VIEWS, VIEW_TOKENS, TEXT = 5, 12_720, 512
 CANDIDATES = ("mvkernels", "fa4", "hybrid", "sdpa")
+INT8_TOLERANCE = 5e-2  # relative L2 of the 8-bit kernel against the first bf16 backend (bf16 ones: 2e-2)
 
 
 def _inputs(self_attn: bool, seed: int = 0):
@@ -40,8 +44,9 @@ def _inputs(self_attn: bool, seed: int = 0):
     return q, k, v, ang
 
 
-def time_case(self_attn: bool, connectivity: str, training: bool, rep: int = 7) -> dict[str, float]:
-    """Median ms of ``Attention.core`` per backend that can run this case."""
+def time_case(self_attn: bool, connectivity: str, training: bool, rep: int = 7,
+              eight_bit: bool = False) -> dict[str, float]:
+    """Median ms of ``Attention.core`` per backend that can run this case (``eight_bit``: int8 too)."""
     attn = Attention(DIM, None if self_attn else CTX_DIM, HEADS, DH, device="cuda", dtype=torch.bfloat16)
     for m in (attn.to_q[1], attn.to_k[1]):  # non-trivial norm weights
         m.weight.data.uniform_(0.5, 1.5)
@@ -50,9 +55,10 @@ def time_case(self_attn: bool, connectivity: str, training: bool, rep: int = 7) 
     grad = torch.randn_like(q)
     leaves = [t.requires_grad_() for t in (q, k, v)]
     out, first = {}, None
-    for name in CANDIDATES:
-        if not _can_run(name, q, self_attn, conn):
-            continue
+    for name in CANDIDATES + (("int8",) if eight_bit else ()):
+        with torch.set_grad_enabled(name != "int8"):  # int8 is forward-only: it serves only without autograd
+            if not _can_run(name, q, self_attn, conn):
+                continue
         if conn not in ("all", "self") and name in ("sdpa", "hybrid"):
             continue  # SDPA would materialise a 63,600^2 mask: not a contender for view-sparse patterns
         attn.backend = name
@@ -60,7 +66,7 @@ def time_case(self_attn: bool, connectivity: str, training: bool, rep: int = 7) 
             o = attn.core(q, k, v, ang, VIEWS, conn).float()
         if first is None:
             first = (name, o)
-        elif (rel := ((o - first[1]).norm() / first[1].norm()).item()) > 2e-2:
+        elif (rel := ((o - first[1]).norm() / first[1].norm()).item()) > (INT8_TOLERANCE if name == "int8" else 2e-2):
             print(f"{auto_case(self_attn, conn, training)}: {name} left out: differs from {first[0]} by {rel:.2e}")
             continue
 
@@ -85,13 +91,15 @@ def time_case(self_attn: bool, connectivity: str, training: bool, rep: int = 7) 
 
 CASES = [(True, "all", False), (True, "all", True), (True, "ring1", False), (True, "ring1", True),
          (False, "self", False), (False, "self", True)]
+CASES_8BIT = [(True, "all", False, True), (True, "ring1", False, True)]
 
 
 def measure_all() -> dict[str, dict[str, float]]:
     results = {}
-    for self_attn, conn, training in CASES:
-        case = auto_case(self_attn, conn, training)
-        results[case] = time_case(self_attn, conn, training)
+    int8 = _int8_op() is not None
+    for self_attn, conn, training, *eight in CASES + (CASES_8BIT if int8 else []):
+        case = auto_case(self_attn, conn, training) + ("/8bit" if eight else "")
+        results[case] = time_case(self_attn, conn, training, eight_bit=bool(eight))
         print(case, {k: round(v, 3) for k, v in sorted(results[case].items(), key=lambda kv: kv[1])}, flush=True)
     return results
 

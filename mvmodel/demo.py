@@ -72,13 +72,14 @@ def export_tokenizer(ds: Path, out: Path, num_frames: int, size: tuple[int, int]
     return tok_dir
 
 
-def train(ds: Path, tok_dir: Path, out: Path, steps: int, device: str, fresh: bool) -> tuple[dict, Path]:
+def train(ds: Path, tok_dir: Path, out: Path, steps: int, device: str, fresh: bool,
+          extra_overrides: tuple[str, ...] = ()) -> tuple[dict, Path]:
     from .configs import make_config
     from .trainer import Trainer
 
     overrides = [f"data.dataset_dir={ds}", f"model.tokenizer_dir={tok_dir}", "model.tokenizer_dtype=float32",
                  f"job.output_root={out / 'checkpoints'}", f"trainer.max_iter={steps}",
-                 f"trainer.device={device}", f"checkpoint.save_iter={max(1, steps // 2)}"]
+                 f"trainer.device={device}", f"checkpoint.save_iter={max(1, steps // 2)}", *extra_overrides]
     cfg = make_config("mvmodel/configs/multiview.py", "text2world_multiview_demo", overrides)
     if fresh and cfg.job.path_local.exists():
         shutil.rmtree(cfg.job.path_local)

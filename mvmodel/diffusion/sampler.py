@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from ..networks.precision import set_sampling_step
 from .conditioning import Condition
 from .model import Denoiser
 
@@ -48,6 +49,7 @@ def sample_euler(denoiser: Denoiser, noise: Tensor, condition: Condition, uncond
     dt = denoiser.net.x_embedder.proj[1].weight.dtype
     x = noise.to(dt)
     for i in range(num_steps):
+        set_sampling_step(denoiser.net, i)  # a net converted by apply_precision: bf16 for its first bf16_steps
         s, s_next = sigmas[i], sigmas[i + 1]
         d = denoiser.guided(x, s, condition, uncondition, guidance)
         xf = x.float()

@@ -38,6 +38,7 @@ from torch import Tensor
 
 from ..diffusion import Condition, EDMScaling, karras_sigmas
 from ..networks import MultiviewDiT, load_cosmos_checkpoint
+from ..networks.precision import Precision, apply_precision, set_sampling_step
 from .model_dir import ModelSpec
 
 log = logging.getLogger("mvmodel.inference")
@@ -189,7 +190,7 @@ class MultiviewGenerationPipeline:
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None,
                  attention_backend: str = "auto", t5_dtype: torch.dtype = torch.float32,
                  batch_cfg: bool = True, offload: bool = True, progress: bool = True, compile: bool = False,
-                 cp_group=None) -> None:
+                 cp_group=None, precision: Precision | None = None) -> None:
         self.spec = spec
         self.cp_group = cp_group if cp_group is not None and dist.get_world_size(cp_group) > 1 else None
         # Global rank of the group's first member: it encodes the prompts and decodes the videos.
@@ -200,6 +201,10 @@ class MultiviewGenerationPipeline:
         self.t5_dir, self.tokenizer_dir, self.t5_dtype = t5_dir, tokenizer_dir, t5_dtype
         self.attention_backend, self.batch_cfg = attention_backend, batch_cfg
         self.offload, self.progress, self.compile = offload, progress, compile
+        # 8-bit attention / FP8 linears (mvmodel.networks.precision): applied once, when sampling first needs the
+        # net (after T5 has left the GPU), and switched per step
+        self.precision = precision or Precision()
+        self._precision_applied = False
         self._net: MultiviewDiT | None = None
         self._tokenizer = None
 
@@ -262,6 +267,9 @@ class MultiviewGenerationPipeline:
         check_video_size(num_video_frames, height, width)
         check_sampling_options(num_steps, guidance, fps)
         net = self.network()
+        if not self._precision_applied:
+            self.precision = apply_precision(net, self.precision)  # what actually runs (a fallback is logged)
+            self._precision_applied = True
         shape = (1, 16, V * (1 + (num_video_frames - 1) // 8), height // 8, width // 8)
         gen = torch.Generator().manual_seed(int(seed))
         noise = torch.randn(shape, generator=gen) * math.sqrt(80.0**2 + 1)  # diffusers' init_noise_sigma
@@ -275,6 +283,7 @@ class MultiviewGenerationPipeline:
 
             steps = tqdm(steps, desc=f"sampling {V} views", unit="step")
         for i in steps:
+            set_sampling_step(net, i)  # bf16 for the first precision.bf16_steps steps
             x = euler_step_cfg(net, x, sigmas[i], sigmas[i + 1], cond, uncond, guidance, self.batch_cfg)
             if not bool(torch.isfinite(x).all()):  # one sync per step: negligible next to a forward
                 raise NonFiniteError(f"sampling produced NaN/inf at step {i + 1}/{num_steps} (sigma {sigmas[i]:.4g}, "
@@ -341,7 +350,8 @@ class MultiviewGenerationPipeline:
 
     def summary(self) -> dict[str, Any]:
         return {"weights": str(self.spec.weights), "config": self.spec.source, "n_views": self.spec.n_views,
-                "slots": list(self.spec.slots), "device": str(self.device), "dtype": str(self.dtype)}
+                "slots": list(self.spec.slots), "device": str(self.device), "dtype": str(self.dtype),
+                "precision": self.precision.mode}
 
 
 def check_sampling_options(num_steps: int, guidance: float, fps: float | None) -> None:

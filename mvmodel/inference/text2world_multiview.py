@@ -41,6 +41,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..networks.precision import (DEFAULT_BF16_BLOCKS, DEFAULT_BF16_STEPS, PRECISIONS, Precision, parse_blocks,
+                                  resolve_precision)
 from .model_dir import RELEASED_NAME, SLOT_ARGS, INFERENCE_DEFAULTS, resolve_model
 from .video_io import check_save_name
 
@@ -85,6 +87,15 @@ def build_parser() -> argparse.ArgumentParser:
     a("--dtype", default=None, choices=["bfloat16", "float32", "float16"], help="DiT dtype (default: bf16 on GPU)")
     a("--t5_dtype", default="float32", choices=["bfloat16", "float32"])
     a("--attention_backend", default="auto", choices=["auto", "sdpa", "mvkernels", "hybrid", "fa4"])
+    a("--precision", default="bf16", choices=list(PRECISIONS),
+      help="DiT precision while sampling: bf16 (default); fp8 = 8-bit self-attention (INT8 Q.K^T, FP8 P.V; Hopper "
+           "with mvkernels.mv_attention_int8) and FP8 linears (torchao, compute capability >= 8.9); fp8-attn / "
+           "fp8-linear = only one of them. Where a part cannot run it says so in one line and runs bf16")
+    a("--bf16_blocks", default=None, metavar="I,J,...",
+      help="transformer blocks kept fully bf16 under an 8-bit precision, negative from the end, 'none' for none "
+           f"(default: {','.join(map(str, DEFAULT_BF16_BLOCKS))} = first and last)")
+    a("--bf16_steps", type=int, default=DEFAULT_BF16_STEPS,
+      help=f"first sampling steps run fully bf16 under an 8-bit precision (default {DEFAULT_BF16_STEPS})")
     a("--compile", action="store_true", help="torch.compile each transformer block (first step compiles)")
     a("--sequential_cfg", action="store_true", help="run cond and uncond as two forwards instead of one of batch 2")
     a("--no_offload", action="store_true", help="keep the DiT on the GPU while decoding")
@@ -149,6 +160,16 @@ def prompt_sets(args, slots: tuple[str, ...]) -> list[tuple[str, int, dict[str, 
     if not out:
         raise ValueError(f"--batch_input_path {path} holds no prompt sets")
     return out
+
+
+def precision_of(args, num_blocks: int) -> Precision:
+    """``--precision/--bf16_blocks/--bf16_steps`` as a Precision, checked against the net's block count."""
+    try:
+        p = Precision(args.precision, parse_blocks(args.bf16_blocks), args.bf16_steps)
+        p.block_set(num_blocks)
+    except ValueError as exc:
+        raise ValueError(str(exc) if str(exc).startswith("--") else f"--{exc}") from None
+    return p
 
 
 def check_numbers(args) -> None:
@@ -239,6 +260,10 @@ def run(argv: list[str] | None = None) -> list[dict[str, Path]]:
     if args.n_views is not None and args.n_views != spec.n_views:
         raise ValueError(f"--n_views {args.n_views} does not match the model: {spec.weights} is a {spec.n_views}-view "
                          f"net (views {list(spec.slots)}, from {spec.source})")
+    # Checked and resolved before any model loads: what cannot run on this device is said here, in one line.
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    net_dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)  # the pipeline's default
+    precision = resolve_precision(precision_of(args, spec.net_config.num_blocks), device, net_dtype)
     sets = prompt_sets(args, spec.slots)
     opt = {k: getattr(args, k) if getattr(args, k) is not None else spec.defaults.get(k, v)
            for k, v in INFERENCE_DEFAULTS.items()}
@@ -259,11 +284,11 @@ def run(argv: list[str] | None = None) -> list[dict[str, Path]]:
         _on_main(cp_group, is_main, lambda: guard.check_prompts(
             [(f"video {name!r}, {slot} camera", ps[slot]) for name, _, ps in sets
              for slot in sorted(spec.slots, key=list(SLOT_ARGS).index)]))  # front first, as the outputs list them
-    dtype = getattr(torch, args.dtype) if args.dtype else None
     pipe = MultiviewGenerationPipeline(spec, t5_dir=t5_dir, tokenizer_dir=tok_dir, device=device, dtype=dtype,
                                        attention_backend=args.attention_backend, t5_dtype=getattr(torch, args.t5_dtype),
                                        batch_cfg=not args.sequential_cfg, offload=not args.no_offload,
-                                       progress=not args.no_progress, compile=args.compile, cp_group=cp_group)
+                                       progress=not args.no_progress, compile=args.compile, cp_group=cp_group,
+                                       precision=precision)
     log.info("model %s (%s), %d views %s; %d video(s) of %d frames at %dx%d, %s fps, %d steps, guidance %g%s",
              spec.weights, spec.source, spec.n_views, list(spec.slots), len(sets), opt["num_video_frames"],
              opt["height"], opt["width"], opt["fps"], args.num_steps, args.guidance,

@@ -11,12 +11,15 @@ Backends compute the same thing:
   the fused ``mvkernels.qk_norm_rope`` pass before its attention kernel);
 * ``"hybrid"``: the fused ``mvkernels.qk_norm_rope`` pass, then torch SDPA (whichever SDPA backend is enabled);
 * ``"fa4"``: the fused ``mvkernels.qk_norm_rope`` pass, then FlashAttention-4 (optional package ``flash-attn-4``;
-  view-sparse patterns through its block sparsity).
+  view-sparse patterns through its block sparsity);
+* ``"int8"``: ``mvkernels.mv_attention_int8`` (8-bit, forward only, Hopper), norms and RoPE fused as "mvkernels".
+  Never chosen by name: a self-attention runs it while ``attn_8bit`` is set (``mvmodel.networks.precision``).
 ``"auto"`` picks, per case (self/cross attention, dense/per-view/sparse connectivity, inference/training), the
 fastest backend measured on this GPU model: ``attention_table.json`` beside this file, written by
 ``benches/bench_attention_choice.py``, lists the backends of each case fastest first and "auto" takes the first one
 that can run the inputs. GPUs not in the table: "mvkernels" for self-attention on Hopper (our sm_90a kernels),
-"hybrid" elsewhere on CUDA, "sdpa" on CPU.
+"hybrid" elsewhere on CUDA, "sdpa" on CPU. When the precision asks for 8-bit attention the case gets a "/8bit"
+suffix (e.g. "self/dense/fwd/8bit"); unmeasured, it is "int8" when that can run, else the bf16 choice.
 """
 from __future__ import annotations
 
@@ -81,6 +84,30 @@ def _mvkernels_ops() -> dict[str, Any]:
     return _OPS
 
 
+_INT8: Any = None
+
+
+def _int8_op():
+    """``mvkernels.ops.mv_attention_int8`` (the module) or None; looked up once, outside compiled regions."""
+    global _INT8
+    if _INT8 is None:
+        from .precision import int8_attention_module  # noqa: PLC0415
+
+        mod = int8_attention_module()
+        _INT8 = False if isinstance(mod, str) else mod
+    return _INT8 or None
+
+
+def _int8_serves(q: Tensor) -> bool:
+    """The 8-bit kernel takes q's kind of input (forward only: never under autograd). Metadata only."""
+    mod = _int8_op()
+    if mod is None or q.device.type != "cuda" or torch.is_grad_enabled():
+        return False
+    if hasattr(mod, "serves"):
+        return bool(mod.serves(q))
+    return q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] in (64, 128)
+
+
 def mvkernels_available() -> bool:
     ops = _mvkernels_ops()
     return "mv_attention" in ops and "qk_norm_rope" in ops
@@ -116,6 +143,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         raise RuntimeError("attention_backend='hybrid' needs mvkernels.qk_norm_rope; use attention_backend='sdpa'")
     if backend == "fa4" and not _fa4().available():
         raise RuntimeError(f"attention_backend='fa4': {_fa4().install_hint()}")
+    if backend == "int8" and _int8_op() is None:  # set directly only by benches; models use the precision option
+        raise RuntimeError("attention backend 'int8' needs mvkernels.ops.mv_attention_int8, which is not installed")
     return backend
 
 
@@ -154,14 +183,22 @@ def _can_run(backend: str, q: Tensor, use_rope: bool, connectivity: Any) -> bool
         return q.device.type == "cuda" and mvkernels_available()
     if backend == "fa4":
         return (not use_rope or "qk_norm_rope" in _mvkernels_ops()) and _fa4().serves(q)
+    if backend == "int8":
+        return _int8_serves(q)
     return False
 
 
-def choose_auto(q: Tensor, self_attn: bool, use_rope: bool, connectivity: Any) -> str:
-    """The backend "auto" runs for these inputs: the measured table's first runnable entry, else the defaults."""
+def choose_auto(q: Tensor, self_attn: bool, use_rope: bool, connectivity: Any, eight_bit: bool = False) -> str:
+    """The backend "auto" runs for these inputs: the measured table's first runnable entry, else the defaults.
+    ``eight_bit``: the precision asks for 8-bit attention (the "/8bit" rows, "int8" when not measured)."""
     if q.device.type == "cuda":
         index = q.device.index if q.device.index is not None else torch.cuda.current_device()
-        order = _measured_order(index, auto_case(self_attn, connectivity, torch.is_grad_enabled()))
+        case = auto_case(self_attn, connectivity, torch.is_grad_enabled())
+        if eight_bit:
+            for name in filter(None, (_measured_order(index, case + "/8bit") or "int8").split(",")):
+                if _can_run(name, q, use_rope, connectivity):
+                    return name
+        order = _measured_order(index, case)
         for name in filter(None, order.split(",")):
             if _can_run(name, q, use_rope, connectivity):
                 return name
@@ -221,6 +258,14 @@ class Attention(nn.Module):
     v's text tokens only; FA uses the model's self-attention connectivity, "all" upstream).
     """
 
+    attn_8bit: bool = False
+    """This call runs 8-bit attention: set per sampling step by ``mvmodel.networks.precision.set_sampling_step`` (a
+    plain bool: torch.compile keeps one graph per value, so flipping it never recompiles twice)."""
+    attn_8bit_enabled: bool = False
+    """The precision puts this attention in 8 bits (self-attention of a block not kept in bf16)."""
+    qkv_fp8_on: bool = False
+    """Use the FP8 fused q/k/v weight ``qkv_fp8`` (a non-persistent buffer made by ``apply_precision``)."""
+
     cp: Any = None
     """Context-parallel hook (``mvmodel.trainer.context_parallel.ContextParallel``); None: single-rank path."""
 
@@ -242,7 +287,9 @@ class Attention(nn.Module):
                 n_views: int = 1, connectivity: Any = "all") -> Tensor:
         B, S, _ = x.shape
         ctx = x if context is None else context
-        if context is None:
+        if context is None and self.qkv_fp8_on:  # FP8 linears: one quantized GEMM (per-row scales, so = 3 GEMMs)
+            q, k, v = F.linear(x, self.qkv_fp8).unflatten(-1, (3, self.heads, self.dim_head)).unbind(2)
+        elif context is None:
             # One GEMM for q, k, v (weights stay separate parameters, so the state dict is upstream's); q, k, v are
             # strided views of [B, S, 3, H, Dh], which both backends read in place.
             w = torch.cat([self.to_q[0].weight, self.to_k[0].weight, self.to_v[0].weight])
@@ -264,11 +311,17 @@ class Attention(nn.Module):
         """q [B, Sq, h, Dh], k/v [B, Sk, h, Dh] before the per-head norms -> [B, Sq, h, Dh]; h may be a subset of
         the heads (context parallelism: the norm weights are shared by all heads)."""
         use_rope = self.is_selfattn and rope_angles is not None
-        if self.backend == "auto":
-            backend = choose_auto(q, self.is_selfattn, use_rope, connectivity)
-        else:
-            backend = resolve_backend(self.backend, q.device)
-        if backend == "mvkernels":
+        backend = choose_auto(q, self.is_selfattn, use_rope, connectivity, eight_bit=True) if self.attn_8bit else ""
+        if backend != "int8":  # bf16: this step / block, or 8-bit measured slower on this GPU, or input not served
+            if self.backend == "auto":
+                backend = choose_auto(q, self.is_selfattn, use_rope, connectivity)
+            else:
+                backend = resolve_backend(self.backend, q.device)
+        if backend == "int8":  # same contract as mv_attention: norms and RoPE applied inside
+            out = _int8_op().mv_attention_int8(
+                q, k, v, n_views=n_views, connectivity=connectivity, rope_angles=rope_angles if use_rope else None,
+                q_norm_weight=self.to_q[1].weight, k_norm_weight=self.to_k[1].weight, eps=self.to_q[1].eps)
+        elif backend == "mvkernels":
             # One op: per-head RMSNorm (+ RoPE for self-attention) fused in front of the attention kernel.
             out = _mvkernels_ops()["mv_attention"](
                 q, k, v, n_views=n_views, connectivity=connectivity, rope_angles=rope_angles if use_rope else None,
