@@ -30,13 +30,25 @@ def memory_plan(cfg: Config, world: int, local_world: int, on_gpu: bool, gpu_byt
     overrides.setdefault("camera_names", tuple(d.view_keys))
     with torch.device("meta"):
         net = MultiviewDiT(preset(m.net, **overrides))
-    n = sum(t.numel() for t in net.parameters())
+        if m.lora.enabled:
+            from ..networks.lora import add_lora
+
+            add_lora(net, m.lora.rank, m.lora.alpha, m.lora.targets)
+    n_lora = sum(t.numel() for t in net.parameters() if t.requires_grad) if m.lora.enabled else 0
+    n = sum(t.numel() for t in net.parameters()) - n_lora
     c = net.config
     cbytes = 2 if m.precision in ("bfloat16", "float16") else 4
     tokens = tokens_per_sample(cfg, c)
     acts = estimate_activation_bytes(tokens // max(1, p.context_parallel_size), c.model_channels, c.num_blocks,
                                      p.activation_checkpointing, d.batch_size)
     ema = 4 * n if cfg.ema.enabled else 0
+    if m.lora.enabled:  # frozen base in the compute dtype on every GPU; fp32 adapters, their grads, moments, EMA
+        state = (16 + (4 if cfg.ema.enabled else 0)) * n_lora
+        dev = cbytes * n + state + acts if on_gpu else 0
+        # Host: each process reads the pretrained file (memory-mapped, in the base dtype) once; on a CPU it holds it.
+        host = local_world * (cbytes * n + 2 * GIB + (0 if on_gpu else state + acts))
+        return {"params": n + n_lora, "trainable": n_lora, "tokens": tokens, "gpu": dev, "host": host,
+                "host_min": host}
     if cfg.optimizer.cpu_offload:  # bf16 weights + grads on the GPU; fp32 masters, Adam moments, EMA placed by plan
         dev = 2 * cbytes * n + acts
         state = 12 * n + ema
@@ -50,7 +62,7 @@ def memory_plan(cfg: Config, world: int, local_world: int, on_gpu: bool, gpu_byt
             room = max(0, gpu_bytes - dev - int(cfg.trainer.gpu_memory_margin_gib * GIB))
             host_min = state - min(state, room) + 2 * GIB
             dev += min(state, room)
-        return {"params": n, "tokens": tokens, "gpu": dev, "host": host, "host_min": host_min}
+        return {"params": n, "trainable": n, "tokens": tokens, "gpu": dev, "host": host, "host_min": host_min}
     # FSDP: fp32 masters, grads, Adam moments, EMA sharded over the ranks; each rank builds fp32 first
     sharded = (16 * n + ema) / world
     unsharded = 2 * cbytes * n / max(1, c.num_blocks)  # one gathered block (+ prefetch)
@@ -60,7 +72,7 @@ def memory_plan(cfg: Config, world: int, local_world: int, on_gpu: bool, gpu_byt
     else:
         dev = 0
         host = local_world * (sharded + 4 * n / world + unsharded + acts) + local_world * 4 * n
-    return {"params": n, "tokens": tokens, "gpu": dev, "host": host, "host_min": host}
+    return {"params": n, "trainable": n, "tokens": tokens, "gpu": dev, "host": host, "host_min": host}
 
 
 def preflight(cfg: Config, resuming: bool) -> list[str]:
