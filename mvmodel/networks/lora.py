@@ -140,8 +140,8 @@ def base_key(adapter_prefix: str) -> str:
 
 @torch.no_grad()
 def merge_state_dict(base: dict[str, Tensor], adapters: dict[str, Tensor], scale: float) -> dict[str, Tensor]:
-    """A full state dict: ``base`` with ``scale * B @ A`` of each adapter added to its linear (in fp32, stored back
-    in the base weight's dtype). Keys of both carry the same prefix (``net.`` in trainer files, none in a bare net's)."""
+    """A full state dict: ``base`` with ``scale * B @ A`` of each adapter added to its linear (in fp32 or the base's
+    wider dtype, stored back in the base weight's dtype). Keys of both carry the same prefix (``net.`` in trainer files, none in a bare net's)."""
     out = dict(base)
     pairs: dict[str, dict[str, Tensor]] = {}
     for k, v in adapters.items():
@@ -155,8 +155,9 @@ def merge_state_dict(base: dict[str, Tensor], adapters: dict[str, Tensor], scale
         if key not in base:
             raise ValueError(f"adapter {stem} adapts {key}, which the base state dict lacks")
         w = base[key]
-        delta = (ab["1"].float() @ ab["0"].float()) * scale
+        acc = torch.promote_types(w.dtype, torch.float32)  # fp32 at least; float64 bases stay exact
+        delta = (ab["1"].to(acc) @ ab["0"].to(acc)) * scale
         if tuple(delta.shape) != tuple(w.shape):
             raise ValueError(f"adapter {stem}: delta {list(delta.shape)} does not fit {key} {list(w.shape)}")
-        out[key] = (w.float() + delta).to(w.dtype)
+        out[key] = (w.to(acc) + delta).to(w.dtype)
     return out
