@@ -154,11 +154,13 @@ def text2world_multiview_cpu_example() -> Config:
 
 
 def text2world_multiview_cpu_lora_example() -> Config:
-    """README's CPU LoRA run: adapters (rank 4) on the CPU example's net, base from its trained EMA if present."""
+    """README's CPU LoRA run: rank-4 adapters on the CPU example's net, its 300-step EMA as the frozen base."""
     cfg = text2world_multiview_cpu_example()
     cfg.job.name = "text2world_multiview_cpu_lora_example"
     cfg.model.lora.enabled = True
     cfg.model.lora.rank = 4
+    cfg.checkpoint.load_path = ("checkpoints/posttraining/diffusion_text2world/text2world_multiview_cpu_example/"
+                                "checkpoints/iter_000000300_ema_model.pt")
     cfg.optimizer.weight_decay = 0.0
     cfg.checkpoint.save_iter = 20
     cfg.trainer.max_iter = 40
