@@ -245,8 +245,9 @@ class Trainer:
         params = (f"{n_all / 1e6:.2f}M parameters" if n_train == n_all else
                   f"{n_all / 1e6:.2f}M parameters of which {n_train / 1e6:.3f}M trained (LoRA)")
         self.monitor.write(f"[mvmodel.train] {cfg.experiment or cfg.job.name}: {self.info.world_size} process(es) on "
-                           f"{dev.type} ({self.info.backend}), {params}, {self.tokens_per_sample} tokens/sample, {len(self.dataset)} samples; {where}; "
-                           f"job folder {self.job_dir}; {self._recipe_note}; {self._parallel_note}")
+                           f"{dev.type} ({self.info.backend}), {params}, {self.tokens_per_sample} tokens/sample, "
+                           f"{len(self.dataset)} samples; {where}; job folder {self.job_dir}; {self._recipe_note}; "
+                           f"{self._parallel_note}")
 
     # ------------------------------------------------------------------------------------------ job folder
     def _log(self, text: str) -> None:
@@ -519,7 +520,7 @@ class Trainer:
         trainer = {"iteration": n, "data": [s["data"] for s in states], "rng": [s["rng"] for s in states],
                    "skipped_steps": self.skipped_steps, "world_size": self.info.world_size,
                    "experiment": self.cfg.experiment}
-        if self.lora:  # what the adapters need to be used: their base and scale (mvmodel.lora_merge reads it)
+        if self.lora:  # what the adapters need to be used: their base and scale (also in config.json)
             lo = self.cfg.model.lora
             trainer["lora"] = {"base": self.cfg.checkpoint.load_path, "rank": lo.rank, "alpha": lo.alpha,
                                "scale": lo.scale, "targets": list(lo.targets)}
