@@ -186,3 +186,34 @@ def test_recipe_refuses_with_numbers_when_nothing_fits():
                       ["parallel.activation_checkpointing=selective"])
     with pytest.raises(ValueError, match="lora\\+selective: GPU 40.1"):
         choose(cfg, 37 * GIB, 125 * GIB)
+
+
+@pytest.mark.slow
+def test_two_process_lora_run(dataset, base_file, tmp_path):
+    """torchrun, 2 processes (gloo): the base replicated and frozen (no FSDP), the adapters' gradients averaged over
+    the ranks, rank 0 writes adapter-only sets that resume in the same 2-process job."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(repo), env.get("PYTHONPATH", "")])
+
+    def run(max_iter: int) -> str:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+               "mvmodel.train", "--config=mvmodel/configs/multiview.py", "--",
+               "experiment=text2world_multiview_tiny_example", f"data.dataset_dir={dataset}", f"job.output_root={tmp_path}",
+               "trainer.device=cpu", f"trainer.max_iter={max_iter}", "checkpoint.save_iter=2", *LORA,
+               f"checkpoint.load_path={base_file}", "model.precision=bfloat16"]
+        res = subprocess.run(cmd, env=env, cwd=repo, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+        return res.stdout + res.stderr
+
+    out = run(2)
+    assert "2 process(es) on cpu (gloo)" in out and "trained (LoRA)" in out and "base frozen in bfloat16" in out
+    ck = tmp_path / "posttraining/diffusion_text2world/text2world_multiview_tiny_example/checkpoints"
+    sd = torch.load(ck / "iter_000000002_ema_model.pt")
+    assert sd and all("_lora.net." in k and v.dtype == torch.float32 for k, v in sd.items())
+    assert "resumed from iteration 2" in run(4)
+    assert (ck / "latest_checkpoint.txt").read_text() == "iter_000000004.pt\n"
