@@ -24,6 +24,7 @@ WAYMO_VIEW_KEYS = ["pinhole_front_left", "pinhole_front", "pinhole_front_right",
 PRETRAINED_7B = "checkpoints/Cosmos-Predict1-7B-Text2World-Sample-AV-Multiview/model.pt"
 TOKENIZER_DIR = "checkpoints/Cosmos-Tokenize1-CV8x8x8-720p"
 AC_MODES = ("none", "block", "subblock", "selective")
+RECIPES = ("full", "full_offload", "lora")  # trainer.recipe's named recipes (mvmodel.trainer.recipes)
 PRECISIONS = ("bfloat16", "float32", "float16")
 
 
@@ -325,8 +326,6 @@ class Config:
         return self
 
     def _validate_lora(self) -> None:
-        from ..trainer.recipes import RECIPES  # noqa: PLC0415 - the recipe names live with the recipes
-
         lo, t = self.model.lora, self.trainer
         if t.recipe not in RECIPES + ("config", "auto"):
             raise ValueError(f"config trainer.recipe: {t.recipe!r} is not one of {['config', 'auto', *RECIPES]}")

@@ -18,7 +18,8 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
-RECIPES = ("full", "full_offload", "lora")
+from ..configs.base import RECIPES
+
 AC_FASTEST_FIRST = ("none", "selective", "block")
 GIB = 1024 ** 3
 
