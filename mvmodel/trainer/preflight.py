@@ -120,7 +120,8 @@ def preflight(cfg: Config, resuming: bool) -> list[str]:
             raise ValueError(f"model.tokenizer_dir={m.tokenizer_dir}: missing {', '.join(missing)} (the "
                              f"Cosmos-Tokenize1-CV8x8x8-720p files: python -m mvmodel.download; or "
                              f"python -m mvmodel.tokenizer.export for the built-in one)")
-    if ck.load_path and not resuming and not os.path.isfile(ck.load_path):
+    lora = cfg.model.lora.enabled or cfg.trainer.recipe == "lora"  # a LoRA resume reloads its frozen base too
+    if ck.load_path and (not resuming or lora) and not os.path.isfile(ck.load_path):
         raise ValueError(f"checkpoint.load_path={ck.load_path}: file not found (download it with python -m "
                          f"mvmodel.download --model_sizes 7B --model_types Text2World-Sample-AV-Multiview "
                          f"--checkpoint_dir checkpoints, or set checkpoint.load_path=none to start from random weights)")
@@ -142,7 +143,10 @@ def preflight(cfg: Config, resuming: bool) -> list[str]:
              f"{'resume from the job folder' if resuming else ck.load_path or 'random init'}; tokenizer "
              f"{m.tokenizer_dir or 'built-in'}",
              f"estimated memory: {plan['params'] / 1e9:.3g}B parameters, {plan['tokens']} tokens/sample -> host "
-             f"{plan['host_min'] / GIB:.1f} GiB (all optimizer state on the host: {plan['host'] / GIB:.1f}) for {local_world} process(es) on this machine (total "
+             f"{plan['host_min'] / GIB:.1f} GiB"
+             + (f" (all optimizer state on the host: {plan['host'] / GIB:.1f})" if cfg.optimizer.cpu_offload else "")
+             + (f" ({plan['trainable'] / 1e6:.2f}M trained LoRA parameters)" if cfg.model.lora.enabled else "")
+             + f" for {local_world} process(es) on this machine (total "
              f"{host_total / GIB:.0f} GiB, {host_avail / GIB:.0f} GiB available)"
              + (f", {plan['gpu'] / GIB:.1f} GiB per GPU" if on_gpu else ""), recipe_note]
     if plan["host_min"] > host_total:
