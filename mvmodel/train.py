@@ -13,7 +13,8 @@ options:
   --no_preflight    skip the checks of dataset, weights, tokenizer and memory made before the net is built
   experiment=NAME   one of the module's experiments
   section.key=value typed override, e.g. trainer.max_iter=100 optimizer.lr=1e-4 data.dataset_dir=datasets/x
-                    (sections: job, data, model, optimizer, ema, checkpoint, parallel, trainer)
+                    (sections: job, data, model, optimizer, ema, checkpoint, parallel, trainer; LoRA:
+                    model.lora.enabled=true model.lora.rank=8 ...; trainer.recipe=auto picks full/LoRA for the GPU)
 
 Multi-node: torchrun's rendezvous flags (--nnodes, --rdzv_backend, --rdzv_endpoint). On a machine without a GPU
 the processes use the CPU and gloo. Outputs go to ``${OUTPUT_ROOT:-checkpoints}/{project}/{group}/{name}/``

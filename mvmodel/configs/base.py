@@ -24,6 +24,7 @@ WAYMO_VIEW_KEYS = ["pinhole_front_left", "pinhole_front", "pinhole_front_right",
 PRETRAINED_7B = "checkpoints/Cosmos-Predict1-7B-Text2World-Sample-AV-Multiview/model.pt"
 TOKENIZER_DIR = "checkpoints/Cosmos-Tokenize1-CV8x8x8-720p"
 AC_MODES = ("none", "block", "subblock", "selective")
+RECIPES = ("full", "full_offload", "lora")  # trainer.recipe's named recipes (mvmodel.trainer.recipes)
 PRECISIONS = ("bfloat16", "float32", "float16")
 
 
@@ -64,6 +65,24 @@ class DataConfig:
 
 
 @dataclass
+class LoRAConfig:
+    """LoRA post-training (``mvmodel.networks.lora``): only adapters train; the base stays frozen in the compute
+    dtype, outside the optimizer and the EMA. Set as ``model.lora.KEY=VALUE``."""
+
+    enabled: bool = False
+    rank: int = 8
+    alpha: float | None = None
+    """Adapter scale = alpha / rank; None: alpha = rank (scale 1, upstream's)."""
+    targets: list[str] = field(default_factory=lambda: ["to_q", "to_v"])
+    """Linears of every block that get an adapter: to_q, to_k, to_v, to_out (self- and cross-attention), or
+    self.to_q / cross.to_v ... for one of them, mlp.layer1, mlp.layer2. Default upstream's: q and v of both."""
+
+    @property
+    def scale(self) -> float:
+        return 1.0 if self.alpha is None else self.alpha / self.rank
+
+
+@dataclass
 class ModelConfig:
     """The DiT preset (``mvmodel.networks.PRESETS``) plus EDM and tokenizer settings."""
 
@@ -81,6 +100,7 @@ class ModelConfig:
     p_mean: float = 0.0
     p_std: float = 1.0
     text_dropout: float = 0.2
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
 @dataclass
@@ -195,6 +215,14 @@ class TrainerConfig:
     the measured 1-GPU step; library workspaces)."""
     activation_gib: float = 0.0
     """Activation peak the memory plan budgets for (0: estimated from the recipe; set a measured figure)."""
+    recipe: str = "config"
+    """What to train: "config" (as the experiment says: LoRA when model.lora.enabled, full with the offloaded
+    optimizer when optimizer.cpu_offload, else full FSDP), "full", "full_offload", "lora", or "auto": the first of
+    full_offload and LoRA (each with the fastest activation checkpointing that fits) that fits this GPU's memory
+    (or trainer.gpu_memory_cap_gib) and the host's (``mvmodel.trainer.recipes``)."""
+    recipe_margin_gib: float = 5.0
+    """GPU memory the recipe choice leaves free beyond its estimate (allocator fragmentation: reserved exceeded
+    allocated by 4.7-6.5 GiB at the peak of the measured 1-GPU steps)."""
     max_nonfinite_steps: int = 10
     """Stop the run (with an error naming the step and its clips) after this many consecutive steps with a
     non-finite loss or gradient norm (each is skipped); 0 never stops."""
@@ -292,9 +320,31 @@ class Config:
         if t.gpu_memory_cap_gib < 0 or t.gpu_memory_margin_gib < 0 or t.activation_gib < 0:
             bad("trainer", f"gpu_memory_cap_gib={t.gpu_memory_cap_gib}, gpu_memory_margin_gib="
                            f"{t.gpu_memory_margin_gib} and activation_gib={t.activation_gib} must be >= 0")
+        self._validate_lora()
         if t.max_iter < 1 or t.logging_iter < 1:
             bad("trainer", f"max_iter={t.max_iter} and logging_iter={t.logging_iter} must be >= 1")
         return self
+
+    def _validate_lora(self) -> None:
+        lo, t = self.model.lora, self.trainer
+        if t.recipe not in RECIPES + ("config", "auto"):
+            raise ValueError(f"config trainer.recipe: {t.recipe!r} is not one of {['config', 'auto', *RECIPES]}")
+        if t.recipe_margin_gib < 0:
+            raise ValueError(f"config trainer.recipe_margin_gib: {t.recipe_margin_gib} must be >= 0")
+        if lo.rank < 1:
+            raise ValueError(f"config model.lora.rank: {lo.rank} must be an integer >= 1 (e.g. 8)")
+        if lo.alpha is not None and not (math.isfinite(lo.alpha) and lo.alpha > 0):
+            raise ValueError(f"config model.lora.alpha: {lo.alpha} must be finite and > 0 (or none: alpha = rank)")
+        from ..networks.lora import check_targets  # noqa: PLC0415
+
+        check_targets(lo.targets)
+        if lo.enabled and t.recipe in ("full", "full_offload"):
+            raise ValueError(f"config model.lora.enabled=true contradicts trainer.recipe={t.recipe} (full "
+                             f"post-training): choose one, e.g. trainer.recipe=lora or model.lora.enabled=false")
+        if lo.enabled and self.optimizer.cpu_offload:
+            raise ValueError("config model.lora.enabled=true contradicts optimizer.cpu_offload=true (the full "
+                             "recipe's offloaded optimizer): LoRA keeps its few adapter weights on the GPU; set one "
+                             "of them false")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -366,12 +416,20 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
             raise ValueError(f"override {item!r} must look like section.key=value (e.g. optimizer.lr=1e-4)")
         key, text = item.split("=", 1)
         parts = key.strip().split(".")
-        if len(parts) != 2 or parts[0] not in sections:
+        if len(parts) not in (2, 3) or parts[0] not in sections:
             raise ValueError(f"unknown config key {key!r}: expected section.key with section one of {sorted(sections)}")
         section = getattr(cfg, parts[0])
+        if len(parts) == 3:  # a nested group, e.g. model.lora.rank
+            sub = getattr(section, parts[1], None)
+            if not dataclasses.is_dataclass(sub):
+                raise ValueError(f"unknown config key {key!r}: {parts[0]}.{parts[1]} has no sub-keys")
+            section, parts = sub, [f"{parts[0]}.{parts[1]}", parts[2]]
         hints = typing.get_type_hints(type(section))
         if parts[1] not in hints:
             raise ValueError(f"unknown config key {key!r}: valid keys of {parts[0]!r} are {sorted(hints)}")
+        if dataclasses.is_dataclass(getattr(section, parts[1])):
+            raise ValueError(f"config key {key!r} is a group: set its keys, e.g. {key.strip()}."
+                             f"{dataclasses.fields(getattr(section, parts[1]))[0].name}=...")
         setattr(section, parts[1], _parse_value(text.strip(), hints[parts[1]], key))
         cfg.overrides.append(key.strip())
     return cfg.validate()

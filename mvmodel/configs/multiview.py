@@ -8,6 +8,11 @@
   activation checkpointing per sub-block, pretrained 6-view release as the starting point).
 * ``text2world_multiview_7b_example_waymo_1gpu``: the same on ONE 80 GB GPU: fp32 master weights, Adam moments
   and EMA in host memory (``optimizer.cpu_offload``), compiled blocks, selective activation checkpointing.
+* ``text2world_multiview_7b_lora_example_waymo``: LoRA post-training of the 7B (upstream's single-view LoRA
+  recipe: rank 8, scale 1, adapters on the self- and cross-attention q and v of all blocks), base frozen in bf16,
+  replicated on every GPU; ``..._1gpu``: the same on one GPU of 40 GB and up (activation checkpointing chosen
+  from the GPU's memory by the preflight, ``trainer.recipe=lora``).
+* ``text2world_multiview_cpu_lora_example``: LoRA on the CPU example's net (README; a minute on 2 cores).
 * ``text2world_multiview_tiny_example``: a 2-block width-64 net on a small synthetic dataset, fp32, the
   built-in tokenizer; for tests (seconds on a CPU).
 * ``text2world_multiview_cpu_example``: README's CPU walk-through (synthetic data, a width-128 net that learns the
@@ -79,6 +84,32 @@ def text2world_multiview_7b_example_waymo_1gpu() -> Config:
     return cfg
 
 
+def text2world_multiview_7b_lora_example_waymo() -> Config:
+    """LoRA post-training of the 7B on Waymo: rank 8, scale 1, self/cross-attention q and v, base frozen in bf16."""
+    cfg = text2world_multiview_7b_example_waymo()
+    cfg.job.name = "text2world_multiview_7b_lora_example_waymo"
+    cfg.model.lora.enabled = True
+    cfg.parallel.per_gpu_kind = {}  # the table is for FSDP of the full model
+    # Upstream's LoRA examples train the adapters at a higher rate than full post-training (few, zero-started
+    # weights); 2^-14.3 would barely move them in 2000 steps.
+    cfg.optimizer.lr = 1e-4
+    cfg.optimizer.warmup_steps = 100
+    cfg.optimizer.weight_decay = 0.0  # decaying adapters pulls the net back to its base, not to zero weights
+    cfg.parallel.compile = True
+    cfg.parallel.activation_checkpointing = "selective"
+    cfg.checkpoint.keep_last = 5  # an adapter set is a few tens of MB
+    return cfg
+
+
+def text2world_multiview_7b_lora_example_waymo_1gpu() -> Config:
+    """LoRA of the 7B on ONE GPU (40 GB and up): activation checkpointing picked from the GPU's memory."""
+    cfg = text2world_multiview_7b_lora_example_waymo()
+    cfg.job.name = "text2world_multiview_7b_lora_example_waymo_1gpu"
+    cfg.trainer.recipe = "lora"  # the preflight picks the AC policy that fits (selective on 80 GB, block on 48/40 GB)
+    cfg.data.num_workers = 4
+    return cfg
+
+
 def text2world_multiview_tiny_example() -> Config:
     """Tests: 5 views x 9 frames at 64x96 (240 tokens), a 2-block width-64 net, fp32, built-in tokenizer."""
     return Config(
@@ -122,6 +153,21 @@ def text2world_multiview_cpu_example() -> Config:
     return cfg
 
 
+def text2world_multiview_cpu_lora_example() -> Config:
+    """README's CPU LoRA run: rank-4 adapters on the CPU example's net, its 300-step EMA as the frozen base."""
+    cfg = text2world_multiview_cpu_example()
+    cfg.job.name = "text2world_multiview_cpu_lora_example"
+    cfg.model.lora.enabled = True
+    cfg.model.lora.rank = 4
+    cfg.checkpoint.load_path = ("checkpoints/posttraining/diffusion_text2world/text2world_multiview_cpu_example/"
+                                "checkpoints/iter_000000300_ema_model.pt")
+    cfg.optimizer.weight_decay = 0.0
+    cfg.checkpoint.save_iter = 20
+    cfg.trainer.max_iter = 40
+    cfg.trainer.logging_iter = 10
+    return cfg
+
+
 def text2world_multiview_demo() -> Config:
     """``python -m mvmodel.demo``: the CPU example on the demo's own dataset and tokenizer folders."""
     cfg = text2world_multiview_cpu_example()
@@ -134,6 +180,9 @@ def text2world_multiview_demo() -> Config:
 EXPERIMENTS = {
     "text2world_multiview_7b_example_waymo": text2world_multiview_7b_example_waymo,
     "text2world_multiview_7b_example_waymo_1gpu": text2world_multiview_7b_example_waymo_1gpu,
+    "text2world_multiview_7b_lora_example_waymo": text2world_multiview_7b_lora_example_waymo,
+    "text2world_multiview_7b_lora_example_waymo_1gpu": text2world_multiview_7b_lora_example_waymo_1gpu,
+    "text2world_multiview_cpu_lora_example": text2world_multiview_cpu_lora_example,
     "text2world_multiview_tiny_example": text2world_multiview_tiny_example,
     "text2world_multiview_cpu_example": text2world_multiview_cpu_example,
     "text2world_multiview_demo": text2world_multiview_demo,

@@ -57,6 +57,9 @@ class ModelSpec:
     source: str
     defaults: dict[str, Any] = field(default_factory=dict)
     tokenizer_dir: str | None = None  # from the model's config; "builtin" or a path; None = not specified
+    lora: dict[str, Any] | None = None
+    """A LoRA job's adapters: {"adapters": file, "rank", "alpha", "targets"}; ``weights`` is then the frozen base
+    (the job's ``checkpoint.load_path``) they are added to."""
 
     @property
     def n_views(self) -> int:
@@ -180,7 +183,23 @@ def _from_job(job: Path, weights: Path) -> ModelSpec:
     if fps:
         defaults["fps"] = fps
     tok = model.get("tokenizer_dir", "builtin") or "builtin"
-    return ModelSpec(weights, cfg, _slots(cfg.camera_names, None, str(cfg_path)), str(cfg_path), defaults, tok)
+    lora = None
+    lo = model.get("lora") or {}
+    if lo.get("enabled"):  # the checkpoint holds adapters only: the base is the file the job started from
+        base = (d.get("checkpoint") or {}).get("load_path")
+        if not base or str(base).lower() == "none":
+            raise ValueError(f"{cfg_path}: a LoRA job trained on a random base (checkpoint.load_path none): there is "
+                             f"no base to add its adapters {weights} to")
+        if not Path(base).is_file() and (job / base).is_file():
+            base = job / base
+        if not Path(base).is_file():
+            raise FileNotFoundError(f"{cfg_path}: the LoRA job's base checkpoint.load_path={base} is not there "
+                                    f"(working directory {os.getcwd()}); run from the folder the job was trained in, "
+                                    f"or merge it with python -m mvmodel.lora_merge --job {job} --base BASE --out DIR")
+        lora = {"adapters": weights, "rank": int(lo.get("rank", 8)), "alpha": lo.get("alpha"),
+                "targets": list(lo.get("targets") or ["to_q", "to_v"])}
+        weights = Path(base)
+    return ModelSpec(weights, cfg, _slots(cfg.camera_names, None, str(cfg_path)), str(cfg_path), defaults, tok, lora)
 
 
 def _dataset_fps(dataset_dir: str | None, view: str | None) -> float | None:
@@ -309,6 +328,9 @@ def main(argv=None) -> None:
         if not weights.is_file():
             raise FileNotFoundError(f"--iteration {a.iteration}: {weights} does not exist")
         spec = _from_job(job, weights)
+        if spec.lora is not None:
+            raise ValueError(f"--job {job} is a LoRA job (its checkpoints hold adapters only): write a full model "
+                             f"with python -m mvmodel.lora_merge --job {job} --out {a.out}")
     except (ValueError, FileNotFoundError) as exc:
         ap.exit(2, f"{ap.prog}: error: {exc}\n")
     extra = {"fps": a.fps} if a.fps else {}

@@ -129,8 +129,30 @@ def build_network(spec: ModelSpec, device: torch.device, dtype: torch.dtype,
         raise ValueError(f"{spec.weights} does not fit the net described by {spec.source} "
                          f"({cfg.n_views} views):\n{exc}") from exc
     log.info("loaded %s: %s", spec.weights, str(report).splitlines()[0])
+    if spec.lora is not None:
+        load_lora_adapters(net, spec.lora)
     check_finite_weights(net, str(spec.weights))
     return net.eval().requires_grad_(False)
+
+
+def load_lora_adapters(net: MultiviewDiT, lora: dict) -> None:
+    """Add a LoRA job's adapters to the loaded base (unmerged: the base weights stay as loaded); strict."""
+    from ..networks.checkpoint import read_state_dict  # noqa: PLC0415
+    from ..networks.lora import add_lora  # noqa: PLC0415
+
+    add_lora(net, lora["rank"], lora["alpha"], lora["targets"])
+    sd = {k[len("net."):] if k.startswith("net.") else k: v for k, v in read_state_dict(lora["adapters"]).items()}
+    own = {k: v for k, v in net.state_dict().items() if "_lora.net." in k}
+    if set(sd) != set(own):
+        missing, extra = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+        raise ValueError(f"{lora['adapters']}: adapters do not match rank {lora['rank']} on {lora['targets']}: "
+                         f"missing {missing[:4]}, unexpected {extra[:4]}")
+    with torch.no_grad():
+        for k, v in sd.items():
+            if tuple(v.shape) != tuple(own[k].shape):
+                raise ValueError(f"{lora['adapters']}: {k} has shape {list(v.shape)}, expected {list(own[k].shape)}")
+            own[k].copy_(v)
+    log.info("added %d LoRA adapter tensors from %s", len(sd), lora["adapters"])
 
 
 def net_dtype(net: MultiviewDiT) -> torch.dtype:

@@ -282,6 +282,8 @@ class Attention(nn.Module):
         self.to_k = nn.Sequential(nn.Linear(context_dim, inner, bias=False, **fk), RMSNorm(dim_head, 1e-6, **fk))
         self.to_v = nn.Sequential(nn.Linear(context_dim, inner, bias=False, **fk), nn.Identity())
         self.to_out = nn.Sequential(nn.Linear(inner, query_dim, bias=False, **fk), nn.Dropout(0.0))
+        # LoRA adapters (``mvmodel.networks.lora``), set by ``add_lora`` on the targeted linears; None: no adapter.
+        self.to_q_lora = self.to_k_lora = self.to_v_lora = self.to_out_lora = None
 
     def forward(self, x: Tensor, context: Tensor | None = None, rope_angles: Tensor | None = None,
                 n_views: int = 1, connectivity: Any = "all") -> Tensor:
@@ -293,18 +295,34 @@ class Attention(nn.Module):
             # One GEMM for q, k, v (weights stay separate parameters, so the state dict is upstream's); q, k, v are
             # strided views of [B, S, 3, H, Dh], which both backends read in place.
             w = torch.cat([self.to_q[0].weight, self.to_k[0].weight, self.to_v[0].weight])
-            q, k, v = F.linear(x, w).unflatten(-1, (3, self.heads, self.dim_head)).unbind(2)
+            qkv = F.linear(x, w).unflatten(-1, (3, self.heads, self.dim_head))
+            if self.to_q_lora is not None or self.to_k_lora is not None or self.to_v_lora is not None:
+                self._lora_qkv(x, qkv)
+            q, k, v = qkv.unbind(2)
         else:
-            q = self.to_q[0](x).unflatten(-1, (self.heads, self.dim_head))
-            k = self.to_k[0](ctx).unflatten(-1, (self.heads, self.dim_head))
-            v = self.to_v[0](ctx).unflatten(-1, (self.heads, self.dim_head))
+            q = self._linear(self.to_q[0], self.to_q_lora, x).unflatten(-1, (self.heads, self.dim_head))
+            k = self._linear(self.to_k[0], self.to_k_lora, ctx).unflatten(-1, (self.heads, self.dim_head))
+            v = self._linear(self.to_v[0], self.to_v_lora, ctx).unflatten(-1, (self.heads, self.dim_head))
         if self.cp is not None and context is None:
             # Context parallelism (set by mvmodel.trainer.context_parallel): x holds this rank's token slice; the
             # hook exchanges q/k/v across ranks and calls ``core`` on full sequences with a subset of heads.
             out = self.cp.attend(self, q, k, v, rope_angles, n_views, connectivity)
         else:
             out = self.core(q, k, v, rope_angles, n_views, connectivity)
-        return self.to_out(out.reshape(B, S, self.heads * self.dim_head))
+        out = out.reshape(B, S, self.heads * self.dim_head)
+        return self.to_out[1](self._linear(self.to_out[0], self.to_out_lora, out))
+
+    @staticmethod
+    def _linear(linear: nn.Linear, lora: nn.Module | None, x: Tensor) -> Tensor:
+        return linear(x) if lora is None else linear(x) + lora(x)
+
+    def _lora_qkv(self, x: Tensor, qkv: Tensor) -> None:
+        """Add the adapters' outputs to their slices of the fused [B, S, 3, H, Dh] projection, in place: q, k, v
+        stay strided views of one buffer (what the attention kernels read), the base GEMM stays one GEMM, and
+        autograd needs nothing of that GEMM's output (its weight is frozen), so the in-place add is safe."""
+        for i, lora in enumerate((self.to_q_lora, self.to_k_lora, self.to_v_lora)):
+            if lora is not None:
+                qkv[:, :, i].add_(lora(x).unflatten(-1, (self.heads, self.dim_head)))
 
     def core(self, q: Tensor, k: Tensor, v: Tensor, rope_angles: Tensor | None, n_views: int,
              connectivity: Any) -> Tensor:

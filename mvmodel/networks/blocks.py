@@ -88,9 +88,12 @@ class GPT2FeedForward(nn.Module):
         self.layer1 = nn.Linear(d_model, d_ff, bias=False, device=device, dtype=dtype)
         self.activation = nn.GELU()
         self.layer2 = nn.Linear(d_ff, d_model, bias=False, device=device, dtype=dtype)
+        self.layer1_lora = self.layer2_lora = None  # LoRA adapters (mvmodel.networks.lora), when targeted
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.layer2(self.activation(self.layer1(x)))
+        h = self.layer1(x) if self.layer1_lora is None else self.layer1(x) + self.layer1_lora(x)
+        h = self.activation(h)
+        return self.layer2(h) if self.layer2_lora is None else self.layer2(h) + self.layer2_lora(h)
 
 
 class VideoAttn(nn.Module):

@@ -203,25 +203,39 @@ def save_dtype(model_dtype: torch.dtype | None, name: str, t: Tensor) -> torch.d
 
 
 # ------------------------------------------------------------------------------------------ gather / scatter
-def model_state(model: nn.Module, dtype: torch.dtype | None = None, keep: bool = True) -> dict[str, Tensor]:
+def trainable(model: nn.Module) -> list[tuple[str, Tensor]]:
+    """(name, parameter) of what the optimizer trains, in ``named_parameters()`` order: every parameter in full
+    training, the adapters in a LoRA run (the frozen base is neither optimized nor in the EMA)."""
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def model_state(model: nn.Module, dtype: torch.dtype | None = None, keep: bool = True,
+                trainable_only: bool = False) -> dict[str, Tensor]:
     """Consolidated ``net.*`` / ``logvar.*`` state dict (persistent buffers included) on CPU; empty where not
-    ``keep``."""
+    ``keep``. ``trainable_only``: the trained parameters only (a LoRA run's adapters)."""
     out = {}
+    names = {n for n, _ in trainable(model)} if trainable_only else None
     for name, t in model.state_dict().items():
+        if names is not None and name not in names:
+            continue
         full = _full(t, keep, save_dtype(dtype, name, t))
         if keep:
             out[name] = full
     return out
 
 
-def ema_state(model: nn.Module, shadow: list[Tensor], keep: bool = True) -> dict[str, Tensor]:
-    """Consolidated fp32 EMA weights under the model's keys (buffers are the model's own)."""
-    params = dict(model.named_parameters())
+def ema_state(model: nn.Module, shadow: list[Tensor], keep: bool = True,
+              trainable_only: bool = False) -> dict[str, Tensor]:
+    """Consolidated fp32 EMA weights under the model's keys (buffers and frozen parameters are the model's own;
+    ``trainable_only``: the EMA weights alone)."""
+    params = dict(trainable(model))
     if len(params) != len(shadow):
         raise ValueError(f"EMA holds {len(shadow)} tensors for {len(params)} parameters")
     by_name = dict(zip(params, shadow))
     out = {}
     for name, t in model.state_dict().items():
+        if trainable_only and name not in by_name:
+            continue
         if name in by_name:
             s = by_name[name]
             if _is_dtensor(t):
@@ -238,9 +252,13 @@ def ema_state(model: nn.Module, shadow: list[Tensor], keep: bool = True) -> dict
 
 
 @torch.no_grad()
-def load_model_state(model: nn.Module, sd: dict[str, Tensor]) -> None:
-    """Copy a consolidated state dict into (possibly sharded) parameters and buffers; strict on keys/shapes."""
+def load_model_state(model: nn.Module, sd: dict[str, Tensor], trainable_only: bool = False) -> None:
+    """Copy a consolidated state dict into (possibly sharded) parameters and buffers; strict on keys/shapes
+    (``trainable_only``: of the trained parameters, e.g. a LoRA run's adapters)."""
     own = model.state_dict()
+    if trainable_only:
+        names = {n for n, _ in trainable(model)}
+        own = {k: v for k, v in own.items() if k in names}
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
     if missing or unexpected:
@@ -267,7 +285,7 @@ def _copy_full_into(dst: Tensor, full: Tensor) -> None:
 def local_parts(model: nn.Module, sd: dict[str, Tensor]) -> list[Tensor]:
     """This rank's shard of every parameter from a consolidated dict, in ``named_parameters()`` order."""
     out = []
-    for name, p in model.named_parameters():
+    for name, p in trainable(model):
         if name not in sd:
             raise ValueError(f"checkpoint lacks parameter {name}")
         if _is_dtensor(p):
@@ -282,7 +300,7 @@ def local_parts(model: nn.Module, sd: dict[str, Tensor]) -> list[Tensor]:
 
 def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, keep: bool = True) -> dict[str, Any]:
     """Consolidated AdamW state keyed by parameter name: {"state": {name: {...}}, "param_groups": [...]}."""
-    names = [n for n, _ in model.named_parameters()]
+    names = [n for n, _ in trainable(model)]
     sd = optimizer.state_dict()
     state = {}
     for idx, st in sd["state"].items():
@@ -296,7 +314,7 @@ def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, keep: bo
 
 @torch.no_grad()
 def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, full: dict[str, Any]) -> None:
-    params = list(model.named_parameters())
+    params = trainable(model)
     names = [n for n, _ in params]
     sd = optimizer.state_dict()
     missing = [n for n in names if n not in full["state"]]

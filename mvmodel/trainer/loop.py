@@ -43,6 +43,7 @@ from .ema import PowerEMA, local_tensor
 from .memory_plan import cap_gpu_memory, plan_for_config
 from .monitor import Monitor, host_rss_gib
 from .parallelize import DTYPES, DistInfo, TrainableDiffusion, apply_parallelism, init_distributed, resolve_gpu_kind
+from .recipes import resolve_recipe
 
 
 class TrainingError(RuntimeError):
@@ -53,7 +54,7 @@ class TrainingError(RuntimeError):
 # unless checkpoint.allow_config_change. Other changes (lr, max_iter, ...) are allowed and reported.
 BREAKING_KEYS = ("model.net", "model.net_overrides", "model.sigma_data", "data.view_keys", "data.num_frames",
                  "data.video_size", "data.batch_size", "data.sequence_interval", "data.start_frame_interval",
-                 "data.caption_policy", "trainer.seed")
+                 "data.caption_policy", "trainer.seed", "model.lora")
 # Flags about how to start, not what to compute.
 IGNORED_KEYS = ("checkpoint.resume", "checkpoint.overwrite", "checkpoint.allow_config_change",
                 "trainer.max_steps_per_run")
@@ -184,12 +185,19 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = cfg.trainer.tf32
         self.job_dir = cfg.job.path_local
         self.compute_dtype = DTYPES[cfg.model.precision]
+        # full / full_offload / LoRA and the AC policy for this GPU (trainer.recipe; "config": as configured)
+        self._recipe_note = resolve_recipe(cfg, dev, self.info.world_size,
+                                           int(os.environ.get("LOCAL_WORLD_SIZE", self.info.world_size)))
+        cfg.validate()
         self.offload = cfg.optimizer.cpu_offload
+        # LoRA: a frozen base replicated on every GPU (no FSDP: nothing of it is trained, so there are no optimizer
+        # states to shard) and fp32 adapters whose gradients are averaged over the ranks after backward.
+        self.lora = cfg.model.lora.enabled
         # The offloaded optimizer's dicts are views of live buffers: those must be written before training goes on.
         self.checkpointer = ckpt.Checkpointer(self.job_dir / "checkpoints", cfg.checkpoint.keep_last, self.info.rank,
                                               async_save=cfg.checkpoint.async_save and not self.offload,
                                               prune_models=cfg.checkpoint.prune_models, log=self._log)
-        self.use_fsdp = not (self.offload and self.info.world_size == 1)
+        self.use_fsdp = not (self.offload and self.info.world_size == 1) and not self.lora
         if self.offload and self.use_fsdp:
             raise ValueError("optimizer.cpu_offload is for a single GPU; with several GPUs FSDP shards the states")
 
@@ -204,11 +212,12 @@ class Trainer:
         self.dp_rank, self.dp_size = self.info.rank // self.cp_size, self.info.world_size // self.cp_size
         cap_gpu_memory(dev, cfg.trainer.gpu_memory_cap_gib)  # before anything is allocated on the GPU
         torch.manual_seed(cfg.trainer.seed)  # model init: same weights on every rank (upstream: seed 0)
-        self.model = self._build_model(load_pretrained=resume_from is None)
+        # A LoRA resume reads only the adapters from the job folder: the frozen base is the pretrained file again.
+        self.model = self._build_model(load_pretrained=resume_from is None or self.lora)
         self._parallel_note = resolve_gpu_kind(cfg.parallel, dev, cfg.trainer.gpu_memory_cap_gib, cfg.overrides)
         self.model = apply_parallelism(self.model, cfg.parallel, compute_dtype=self.compute_dtype, info=self.info,
                                        use_fsdp=self.use_fsdp)
-        self.params = [p for _, p in self.model.named_parameters()]
+        self.params = [p for _, p in ckpt.trainable(self.model)]
         self.optimizer = self._build_optimizer()
         self.ema = None
         if cfg.ema.enabled and not self.offload:  # the offloaded optimizer keeps the EMA next to the masters
@@ -231,10 +240,14 @@ class Trainer:
                                tokens_per_step=self.tokens_per_sample * cfg.data.batch_size * self.dp_size,
                                device=dev, progress=progress)
         where = f"resumed from iteration {resume_from}" if resume_from is not None else self._start_note
+        n_all = sum(p.numel() for p in self.model.parameters())
+        n_train = sum(p.numel() for p in self.params)
+        params = (f"{n_all / 1e6:.2f}M parameters" if n_train == n_all else
+                  f"{n_all / 1e6:.2f}M parameters of which {n_train / 1e6:.3f}M trained (LoRA)")
         self.monitor.write(f"[mvmodel.train] {cfg.experiment or cfg.job.name}: {self.info.world_size} process(es) on "
-                           f"{dev.type} ({self.info.backend}), {sum(p.numel() for p in self.params) / 1e6:.2f}M "
-                           f"parameters, {self.tokens_per_sample} tokens/sample, {len(self.dataset)} samples; {where}; "
-                           f"job folder {self.job_dir}; {self._parallel_note}")
+                           f"{dev.type} ({self.info.backend}), {params}, {self.tokens_per_sample} tokens/sample, "
+                           f"{len(self.dataset)} samples; {where}; job folder {self.job_dir}; {self._recipe_note}; "
+                           f"{self._parallel_note}")
 
     # ------------------------------------------------------------------------------------------ job folder
     def _log(self, text: str) -> None:
@@ -323,6 +336,8 @@ class Trainer:
             return None
         listed = ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in ((k, *v) for k, v in changes.items()))
         breaking = [k for k in changes if k in BREAKING_KEYS]
+        if self.cfg.model.lora.enabled and "checkpoint.load_path" in changes:
+            breaking.append("checkpoint.load_path (the frozen base of the adapters)")
         if breaking and not self.cfg.checkpoint.allow_config_change:
             raise ValueError(f"resuming {self.job_dir} from iteration {n} with settings that change the run "
                              f"({', '.join(breaking)}) against {path}: {listed}. Use the saved values, a new "
@@ -362,6 +377,16 @@ class Trainer:
             self._start_note = f"initialised from {path} ({len(report.loaded)} tensors loaded)"
             if self.info.is_main:
                 print(f"[mvmodel.train] loaded {path}:\n{report}", flush=True)
+        if self.lora:
+            from ..networks.lora import add_lora
+
+            lo = m.lora
+            # After the base is loaded (its keys are the pretrained file's); freezes every base parameter.
+            for p in model.parameters():
+                p.requires_grad_(False)
+            names = add_lora(net, lo.rank, lo.alpha, lo.targets)
+            self._start_note += (f"; LoRA rank {lo.rank}, scale {lo.scale:g} on {', '.join(lo.targets)}: "
+                                 f"{len(names)} adapters, base frozen in {m.precision}")
         return model
 
     def _build_optimizer(self):
@@ -410,7 +435,7 @@ class Trainer:
         if self.offload:
             self.optimizer.load_state(optim, master, cp.load(n, "ema_model") if self.cfg.ema.enabled else None)
         else:
-            ckpt.load_model_state(self.model, master)
+            ckpt.load_model_state(self.model, master, trainable_only=self.lora)
             ckpt.load_optimizer_state(self.model, self.optimizer, optim["optimizer"])
             if self.ema is not None:
                 self.ema.copy_from(ckpt.local_parts(self.model, cp.load(n, "ema_model")))
@@ -442,7 +467,7 @@ class Trainer:
             named = [(b.names[0] + " .. " + b.names[-1], t) for b in self.optimizer.buckets
                      for t in (b.master, b.ema) if t is not None]
         else:
-            names = [name for name, _ in self.model.named_parameters()]
+            names = [name for name, _ in ckpt.trainable(self.model)]
             named = list(zip(names, (local_tensor(p) for p in self.params)))
             if self.ema is not None:
                 named += [(f"EMA of {name}", t) for name, t in zip(names, self.ema.shadow)]
@@ -474,17 +499,19 @@ class Trainer:
             cp.write(n, "ema_model", self.optimizer.ema_state(self.model) if self.cfg.ema.enabled else master)
             optim = {"optimizer": self.optimizer.state_dict(), "master_weights": master}
         else:
-            reg = ckpt.model_state(self.model, reg_dtype, keep=main)
+            # A LoRA set holds the adapters only (the base is checkpoint.load_path, frozen).
+            only = self.lora
+            reg = ckpt.model_state(self.model, reg_dtype, keep=main, trainable_only=only)
             cp.write(n, "reg_model", reg)
             if self.ema is not None:
                 reg = None
-                cp.write(n, "ema_model", ckpt.ema_state(self.model, self.ema.shadow, keep=main))
+                cp.write(n, "ema_model", ckpt.ema_state(self.model, self.ema.shadow, keep=main, trainable_only=only))
             else:
                 cp.write(n, "ema_model", reg)
             reg = None
             optim = {"optimizer": ckpt.optimizer_state(self.model, self.optimizer, keep=main)}
             if reg_dtype != torch.float32:  # exact resume needs the fp32 master weights
-                optim["master_weights"] = ckpt.model_state(self.model, None, keep=main)
+                optim["master_weights"] = ckpt.model_state(self.model, None, keep=main, trainable_only=only)
         optim["scheduler"] = {"last_epoch": n, "warmup_steps": self.cfg.optimizer.warmup_steps}
         cp.write(n, "optim", optim)
         optim = None
@@ -493,6 +520,10 @@ class Trainer:
         trainer = {"iteration": n, "data": [s["data"] for s in states], "rng": [s["rng"] for s in states],
                    "skipped_steps": self.skipped_steps, "world_size": self.info.world_size,
                    "experiment": self.cfg.experiment}
+        if self.lora:  # what the adapters need to be used: their base and scale (also in config.json)
+            lo = self.cfg.model.lora
+            trainer["lora"] = {"base": self.cfg.checkpoint.load_path, "rank": lo.rank, "alpha": lo.alpha,
+                               "scale": lo.scale, "targets": list(lo.targets)}
         path = cp.commit(n, trainer)
         # Synchronous saving: a failed write stops every rank here, at this save.
         self._stop_if_save_failed(self._any_rank(cp.failed()))
@@ -531,6 +562,8 @@ class Trainer:
         out = self.model(x0, cond, sigma.float().to(dev), eps.to(dev))
         loss = out["loss"]
         loss.backward()
+        if self.lora and self.info.world_size > 1:
+            self._average_adapter_grads()
 
         if self.offload:
             norm = self.optimizer.grad_norm()
@@ -582,6 +615,18 @@ class Trainer:
         self.iteration += 1
         return {"loss": loss_v, "mse": mse_v, "edm": edm_v, "grad_norm": norm_v, "lr": lr,
                 "skipped_steps": float(self.skipped_steps)}
+
+    def _average_adapter_grads(self) -> None:
+        """Data-parallel mean of the adapters' gradients (the base is replicated and frozen): one all-reduce of
+        one flat buffer (a few MB for the 7B at rank 8)."""
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        flat = torch.cat([g.reshape(-1) for g in grads]).to(self._reduce_device)
+        dist.all_reduce(flat)
+        flat /= self.info.world_size
+        off = 0
+        for p, g in zip(self.params, grads):
+            p.grad = flat[off:off + g.numel()].view_as(g).to(g.device)
+            off += g.numel()
 
     def _nonfinite_culprits(self, local_loss_finite: torch.Tensor) -> str:
         """The batches of the ranks whose own loss was non-finite (all ranks' when only the global gradient

@@ -195,8 +195,9 @@ def apply_parallelism(model: DiffusionModel, cfg: ParallelConfig, *, compute_dty
         cp.collectives_outside_compile = cfg.compile and cfg.compile_collectives == "outside"
     if not use_fsdp:
         model.to(info.device)
-        for p in model.net.parameters():  # parameters only: buffers such as pos_embedder.seq stay fp32
-            p.data = p.data.to(compute_dtype)
+        for name, p in model.net.named_parameters():  # parameters only: buffers such as pos_embedder.seq stay fp32
+            if "_lora.net." not in name:  # LoRA adapters stay fp32: they are the trained (master) weights
+                p.data = p.data.to(compute_dtype)
         model.logvar.float()
         return model
     from torch.distributed.device_mesh import init_device_mesh

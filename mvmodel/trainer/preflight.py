@@ -5,6 +5,8 @@ tokens), so a run that cannot fit is refused in a second with what it needs, not
 """
 from __future__ import annotations
 
+import functools
+import json
 import os
 from pathlib import Path
 
@@ -12,6 +14,27 @@ from ..configs.base import Config
 from .memory_plan import estimate_activation_bytes, host_memory_bytes, tokens_per_sample
 
 GIB = 1024 ** 3
+
+
+@functools.lru_cache(maxsize=16)
+def _count_parameters(net_name: str, overrides_json: str, lora: tuple | None):
+    """(base parameters, LoRA parameters, net config) from a meta-device build (no memory; cached: the recipe
+    choice asks for the same net several times)."""
+    import torch
+
+    from ..networks import MultiviewDiT, preset
+
+    overrides = json.loads(overrides_json)
+    if overrides.get("camera_names") is not None:
+        overrides["camera_names"] = tuple(overrides["camera_names"])
+    with torch.device("meta"):
+        net = MultiviewDiT(preset(net_name, **overrides))
+        if lora is not None:
+            from ..networks.lora import add_lora
+
+            add_lora(net, lora[0], None, lora[1])
+    n_lora = sum(t.numel() for t in net.parameters() if t.requires_grad) if lora is not None else 0
+    return sum(t.numel() for t in net.parameters()) - n_lora, n_lora, net.config
 
 
 def memory_plan(cfg: Config, world: int, local_world: int, on_gpu: bool, gpu_bytes: int | None = None) -> dict:
@@ -23,20 +46,23 @@ def memory_plan(cfg: Config, world: int, local_world: int, on_gpu: bool, gpu_byt
     """
     import torch
 
-    from ..networks import MultiviewDiT, preset
-
     m, d, p = cfg.model, cfg.data, cfg.parallel
     overrides = dict(m.net_overrides)
     overrides.setdefault("camera_names", tuple(d.view_keys))
-    with torch.device("meta"):
-        net = MultiviewDiT(preset(m.net, **overrides))
-    n = sum(t.numel() for t in net.parameters())
-    c = net.config
+    lora = (m.lora.rank, tuple(m.lora.targets)) if m.lora.enabled else None
+    n, n_lora, c = _count_parameters(m.net, json.dumps(overrides, sort_keys=True, default=list), lora)
     cbytes = 2 if m.precision in ("bfloat16", "float16") else 4
     tokens = tokens_per_sample(cfg, c)
     acts = estimate_activation_bytes(tokens // max(1, p.context_parallel_size), c.model_channels, c.num_blocks,
                                      p.activation_checkpointing, d.batch_size)
     ema = 4 * n if cfg.ema.enabled else 0
+    if m.lora.enabled:  # frozen base in the compute dtype on every GPU; fp32 adapters, their grads, moments, EMA
+        state = (16 + (4 if cfg.ema.enabled else 0)) * n_lora
+        dev = cbytes * n + state + acts if on_gpu else 0
+        # Host: each process reads the pretrained file (memory-mapped, in the base dtype) once; on a CPU it holds it.
+        host = local_world * (cbytes * n + 2 * GIB + (0 if on_gpu else state + acts))
+        return {"params": n + n_lora, "trainable": n_lora, "tokens": tokens, "gpu": dev, "host": host,
+                "host_min": host}
     if cfg.optimizer.cpu_offload:  # bf16 weights + grads on the GPU; fp32 masters, Adam moments, EMA placed by plan
         dev = 2 * cbytes * n + acts
         state = 12 * n + ema
@@ -50,7 +76,7 @@ def memory_plan(cfg: Config, world: int, local_world: int, on_gpu: bool, gpu_byt
             room = max(0, gpu_bytes - dev - int(cfg.trainer.gpu_memory_margin_gib * GIB))
             host_min = state - min(state, room) + 2 * GIB
             dev += min(state, room)
-        return {"params": n, "tokens": tokens, "gpu": dev, "host": host, "host_min": host_min}
+        return {"params": n, "trainable": n, "tokens": tokens, "gpu": dev, "host": host, "host_min": host_min}
     # FSDP: fp32 masters, grads, Adam moments, EMA sharded over the ranks; each rank builds fp32 first
     sharded = (16 * n + ema) / world
     unsharded = 2 * cbytes * n / max(1, c.num_blocks)  # one gathered block (+ prefetch)
@@ -60,7 +86,7 @@ def memory_plan(cfg: Config, world: int, local_world: int, on_gpu: bool, gpu_byt
     else:
         dev = 0
         host = local_world * (sharded + 4 * n / world + unsharded + acts) + local_world * 4 * n
-    return {"params": n, "tokens": tokens, "gpu": dev, "host": host, "host_min": host}
+    return {"params": n, "trainable": n, "tokens": tokens, "gpu": dev, "host": host, "host_min": host}
 
 
 def preflight(cfg: Config, resuming: bool) -> list[str]:
@@ -94,7 +120,8 @@ def preflight(cfg: Config, resuming: bool) -> list[str]:
             raise ValueError(f"model.tokenizer_dir={m.tokenizer_dir}: missing {', '.join(missing)} (the "
                              f"Cosmos-Tokenize1-CV8x8x8-720p files: python -m mvmodel.download; or "
                              f"python -m mvmodel.tokenizer.export for the built-in one)")
-    if ck.load_path and not resuming and not os.path.isfile(ck.load_path):
+    lora = cfg.model.lora.enabled or cfg.trainer.recipe == "lora"  # a LoRA resume reloads its frozen base too
+    if ck.load_path and (not resuming or lora) and not os.path.isfile(ck.load_path):
         raise ValueError(f"checkpoint.load_path={ck.load_path}: file not found (download it with python -m "
                          f"mvmodel.download --model_sizes 7B --model_types Text2World-Sample-AV-Multiview "
                          f"--checkpoint_dir checkpoints, or set checkpoint.load_path=none to start from random weights)")
@@ -103,6 +130,10 @@ def preflight(cfg: Config, resuming: bool) -> list[str]:
     on_gpu = cfg.trainer.device != "cpu" and torch.cuda.is_available()
     if cfg.trainer.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("trainer.device=cuda but no CUDA GPU is visible (set trainer.device=cpu or auto)")
+    from .recipes import resolve_recipe  # noqa: PLC0415 - recipes imports this module
+
+    # trainer.recipe (full / full_offload / lora / auto): picked for this GPU's memory, or refused with numbers.
+    recipe_note = resolve_recipe(cfg, torch.device("cuda", 0) if on_gpu else torch.device("cpu"), world, local_world)
     if cfg.optimizer.cpu_offload and not on_gpu:
         raise ValueError("optimizer.cpu_offload=true needs a CUDA GPU (it keeps the optimizer on the host for "
                          "one GPU); no GPU is visible")
@@ -112,9 +143,12 @@ def preflight(cfg: Config, resuming: bool) -> list[str]:
              f"{'resume from the job folder' if resuming else ck.load_path or 'random init'}; tokenizer "
              f"{m.tokenizer_dir or 'built-in'}",
              f"estimated memory: {plan['params'] / 1e9:.3g}B parameters, {plan['tokens']} tokens/sample -> host "
-             f"{plan['host_min'] / GIB:.1f} GiB (all optimizer state on the host: {plan['host'] / GIB:.1f}) for {local_world} process(es) on this machine (total "
+             f"{plan['host_min'] / GIB:.1f} GiB"
+             + (f" (all optimizer state on the host: {plan['host'] / GIB:.1f})" if cfg.optimizer.cpu_offload else "")
+             + (f" ({plan['trainable'] / 1e6:.2f}M trained LoRA parameters)" if cfg.model.lora.enabled else "")
+             + f" for {local_world} process(es) on this machine (total "
              f"{host_total / GIB:.0f} GiB, {host_avail / GIB:.0f} GiB available)"
-             + (f", {plan['gpu'] / GIB:.1f} GiB per GPU" if on_gpu else "")]
+             + (f", {plan['gpu'] / GIB:.1f} GiB per GPU" if on_gpu else ""), recipe_note]
     if plan["host_min"] > host_total:
         raise ValueError(f"{cfg.experiment or cfg.job.name}: needs ~{plan['host_min'] / GIB:.0f} GiB of host memory "
                          f"({plan['params'] / 1e9:.3g}B parameters{' on the CPU' if not on_gpu else ''}), this "
@@ -122,9 +156,14 @@ def preflight(cfg: Config, resuming: bool) -> list[str]:
                          "; it is a GPU recipe: run it where GPUs are visible") + " (--no_preflight to try anyway)")
     if on_gpu:
         gpu_total = torch.cuda.get_device_properties(0).total_memory
+        cap = cfg.trainer.gpu_memory_cap_gib
+        if cap > 0:
+            gpu_total = min(gpu_total, int(cap * GIB))
         if plan["gpu"] > gpu_total:
             raise ValueError(f"{cfg.experiment or cfg.job.name}: needs ~{plan['gpu'] / GIB:.0f} GiB per GPU with "
-                             f"{world} process(es), {torch.cuda.get_device_name(0)} has {gpu_total / GIB:.0f} GiB: use "
+                             f"{world} process(es), {torch.cuda.get_device_name(0)} has {gpu_total / GIB:.0f} GiB"
+                             f"{f' (trainer.gpu_memory_cap_gib={cap:g})' if cap > 0 else ''}; host "
+                             f"{plan['host_min'] / GIB:.0f} of {host_total / GIB:.0f} GiB: trainer.recipe=auto, use "
                              f"more GPUs, parallel.activation_checkpointing=subblock or optimizer.cpu_offload=true "
                              f"(one GPU) (--no_preflight to try anyway)")
     return lines
