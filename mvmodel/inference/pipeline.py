@@ -340,7 +340,8 @@ class MultiviewGenerationPipeline:
         per set, views in the net's order. All prompts are encoded first, all latents sampled, then decoded.
 
         ``input_frames`` (Video2World nets): uint8 [V, N, H, W, 3] per prompt set; the first
-        ``latent_frames_of_input(num_input_frames)`` latent frames of every view are conditioned on them."""
+        ``latent_frames_of_input(num_input_frames)`` latent frames of every view are conditioned on them
+        (``num_input_frames=0``: none, the net's Text2World mode, which its training includes)."""
         if bool(self.spec.net_config.video2world) != (input_frames is not None):
             raise ValueError(f"{self.spec.weights}: a {'Video2World' if self.spec.net_config.video2world else 'Text2World'}"
                              f" net; " + ("input frames are required (mvmodel.inference.video2world_multiview)"
@@ -376,7 +377,8 @@ class MultiviewGenerationPipeline:
                 from ..diffusion.video2world import inference_condition, latent_frames_of_input
 
                 gt = self.encode_condition(input_frames[i], num_video_frames, height, width)
-                video = inference_condition(gt, self.spec.n_views, latent_frames_of_input(num_input_frames), seed)
+                n_t = latent_frames_of_input(num_input_frames) if num_input_frames else 0
+                video = inference_condition(gt, self.spec.n_views, n_t, seed)
             log.info("sample %d/%d (seed %d)", i + 1, len(prompt_sets), seed)
             latents.append(self.sample(text, seed=seed, num_steps=num_steps, guidance=guidance, fps=fps,
                                        num_video_frames=num_video_frames, height=height, width=width,
