@@ -17,7 +17,10 @@ process, the ratio is to the best peer):
 Run on a GPU:  pytest benches/bench_inference_step.py -s --benchmark-json=run.json
                python benches/bench_inference_step.py [--small] [--variants auto,sdpa_cudnn] [--rep 3]
 Quick check:   MVB_SMALL=1 pytest benches/bench_inference_step.py -s  (width 1024, 4 blocks, 768 tokens; seconds)
-Env: MVB_SMALL=1, MVB_REP (timed steps, default 3 full / 10 small), MVB_INF_VARIANTS (default
+Video2World (issue 22): MVB_V2W=1 times the same step of the 7B Video2World net (96 patch-embed inputs, the
+condition-mask channel) conditioned on 2 latent frames per view: the condition latents are mixed into the input,
+the guided output is replaced there (``euler_step_cfg(..., video=...)``); figures get the suffix ``_v2w``.
+Env: MVB_V2W=1, MVB_SMALL=1, MVB_REP (timed steps, default 3 full / 10 small), MVB_INF_VARIANTS (default
      auto,sdpa_cudnn,sdpa_flash), MVB_DEVICE=cpu (dry-run of the harness logic only, with MVB_SMALL=1).
 """
 from __future__ import annotations
@@ -37,6 +40,7 @@ from conftest import cuda_time, record  # noqa: E402
 PEAK_FLOPS = 989e12  # H100/H200 SXM dense bf16 datasheet
 DEFAULT_VARIANTS = "auto,sdpa_cudnn,sdpa_flash"
 DEVICE = os.environ.get("MVB_DEVICE", "cuda")  # "cpu" only to dry-run the harness logic (tiny sizes)
+V2W = os.environ.get("MVB_V2W") == "1"
 
 
 def _sync() -> None:
@@ -66,7 +70,8 @@ def build_net(small: bool):
     """The 7B 6-view net (or the small variant): meta build -> empty on the GPU -> random init, bf16, eval."""
     from mvmodel.networks import MultiviewDiT, preset
 
-    cfg = preset("cosmos_7b_multiview_6view", **_shape(small)["net"])
+    name = "cosmos_7b_video2world_multiview_6view" if V2W else "cosmos_7b_multiview_6view"
+    cfg = preset(name, **_shape(small)["net"])
     t0 = time.time()
     with torch.device("meta"):
         net = MultiviewDiT(cfg, dtype=torch.bfloat16)
@@ -92,7 +97,18 @@ def inputs(net, small: bool):
     text[torch.rand(V * 512, device=DEVICE, generator=g) > 0.1] = 0  # T5-like: ~50 valid tokens per view
     cond, uncond = make_condition(text, V, 24.0, 8 * h, 8 * w, [0, 0, 0, 0, 10, 10], torch.device(DEVICE),
                                   torch.bfloat16)
-    return x, cond, uncond, V * s["T"] * (h // 2) * (w // 2)
+    video = None
+    if V2W:  # 9 input frames: 2 of the 8 latent frames per view are given (the CLI's --num_input_frames 9)
+        import dataclasses
+
+        from mvmodel.diffusion.video2world import inference_condition
+
+        gt = torch.randn(1, 16, V * s["T"], h, w, device=DEVICE, generator=g) * 0.5
+        video = inference_condition(gt, V, num_condition_t=2, seed=0)
+        mask = video.input_mask().to(torch.bfloat16)
+        cond = dataclasses.replace(cond, condition_video_input_mask=mask)
+        uncond = dataclasses.replace(uncond, condition_video_input_mask=mask)
+    return x, cond, uncond, V * s["T"] * (h // 2) * (w // 2), video
 
 
 def _sdpa_context(variant: str):
@@ -112,10 +128,11 @@ def run(small: bool = False, variants: list[str] | None = None, rep: int | None 
     variants = variants or os.environ.get("MVB_INF_VARIANTS", DEFAULT_VARIANTS).split(",")
     rep = rep or int(os.environ.get("MVB_REP", "10" if small else "3"))
     net, build_s = build_net(small)
-    x, cond, uncond, tokens = inputs(net, small)
+    x, cond, uncond, tokens, video = inputs(net, small)
     flops = 2 * net.forward_flops(tokens)  # one step = cond + uncond forwards
     weights_gib = sum(p.numel() * p.element_size() for p in net.parameters()) / 2**30
-    print(f"\n[inference step] {net.num_parameters() / 1e9:.2f}B params ({weights_gib:.1f} GiB bf16, built in "
+    what = "inference step" + (" Video2World" if V2W else "")
+    print(f"\n[{what}] {net.num_parameters() / 1e9:.2f}B params ({weights_gib:.1f} GiB bf16, built in "
           f"{build_s:.1f} s), {tokens} tokens x batch 2 (cond + uncond), {flops / 1e12:.1f} TFLOP per step")
     results, ref = {}, None
     plain_blocks = dict(net.blocks.items())
@@ -129,7 +146,7 @@ def run(small: bool = False, variants: list[str] | None = None, rep: int | None 
             batch_cfg = "+seqcfg" not in variant
 
             def step():
-                return euler_step_cfg(net, x, 1.3, 1.1, cond, uncond, 7.0, batch_cfg)
+                return euler_step_cfg(net, x, 1.3, 1.1, cond, uncond, 7.0, batch_cfg, video=video)
 
             with _sdpa_context(variant):
                 out = step()  # also compiles
@@ -150,7 +167,8 @@ def run(small: bool = False, variants: list[str] | None = None, rep: int | None 
         print(f"  {variant:24s} {r['s_per_step']:7.2f} s/step  {r['tflops']:6.0f} TFLOP/s  MFU {100 * r['mfu']:5.1f}%  "
               f"peak {peak:5.1f} GiB  35 steps {r['steps35_min']:5.2f} min  (out rel diff {diff:.1e})")
         if benchmark is not None:
-            record(benchmark, variant, ms, tracked=variant == variants[0], tflops=r["tflops"], mfu=r["mfu"],
+            record(benchmark, variant + ("_v2w" if V2W else ""), ms, tracked=variant == variants[0],
+                   tflops=r["tflops"], mfu=r["mfu"],
                    peak_gib=peak, steps35_min=r["steps35_min"], tokens=tokens)
         del out
         gc.collect()

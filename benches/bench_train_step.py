@@ -18,7 +18,9 @@ model's attention backend; default the experiment's, "auto"), MV_BENCH_PLAN=auto
 master weights, moments and EMA live: ``optimizer.offload_plan``, default auto = as much on the GPU as fits),
 MV_BENCH_CAP=76 (cap usable GPU memory in GiB: an 80 GB card's plan on a bigger GPU; the figure's name then gets
 ``_cap76``), MV_BENCH_ACT_GIB (the activation peak the plan budgets for; default: the recipe estimate),
-MV_BENCH_SET="section.key=value ..." (any further overrides, space-separated; not tracked).
+MV_BENCH_SET="section.key=value ..." (any further overrides, space-separated; not tracked),
+MV_BENCH_V2W=1 (issue 22: the same step of ``video2world_multiview_7b_example_waymo_1gpu``, the Video2World net
+with 0-2 conditioning latent frames per sample drawn by the trainer; the figure's name gets ``_v2w``).
 """
 from __future__ import annotations
 
@@ -57,7 +59,9 @@ def test_train_step_7b_one_gpu(benchmark, tmp_path):
         overrides.append(f"parallel.activation_checkpointing={os.environ['MV_BENCH_AC']}")
     if blocks != 28:
         overrides.append(f'model.net_overrides={{"num_blocks": {blocks}}}')
-    cfg = make_config("mvmodel/configs/multiview.py", "text2world_multiview_7b_example_waymo_1gpu", overrides)
+    v2w = _env("MV_BENCH_V2W", "0") == "1"
+    family = "video2world" if v2w else "text2world"
+    cfg = make_config("mvmodel/configs/multiview.py", f"{family}_multiview_7b_example_waymo_1gpu", overrides)
     t0 = time.perf_counter()
     trainer = Trainer(cfg, progress=False, with_data=False)
     build_s = time.perf_counter() - t0
@@ -121,7 +125,7 @@ def test_train_step_7b_one_gpu(benchmark, tmp_path):
         host_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         n_params = sum(p.numel() for p in trainer.params)
         cap = float(_env("MV_BENCH_CAP", "0"))
-        name = "train_step_7b_1gpu" + (f"_cap{cap:g}" if cap else "")
+        name = "train_step_7b_1gpu" + (f"_cap{cap:g}" if cap else "") + ("_v2w" if v2w else "")
         if _env("MV_BENCH_PLAN", "auto") != "auto":
             name += "_plan_" + _env("MV_BENCH_PLAN", "auto").replace(":", "")
         record(benchmark, name, s_per_step * 1e3, tracked=blocks == 28 and not os.environ.get("MV_BENCH_SET"), mfu=mfu,
@@ -131,7 +135,7 @@ def test_train_step_7b_one_gpu(benchmark, tmp_path):
                params=n_params, blocks=blocks, tokens=tokens, build_s=build_s,
                ac=cfg.parallel.activation_checkpointing, compile=cfg.parallel.compile,
                losses=[m["loss"] for m in warm + metrics])
-        print(f"\n7B multiview train step on {torch.cuda.get_device_name(dev)}: {n_params / 1e9:.2f}B params, "
+        print(f"\n7B multiview {family} train step on {torch.cuda.get_device_name(dev)}: {n_params / 1e9:.2f}B params, "
               f"{tokens} tokens, AC={cfg.parallel.activation_checkpointing}, compile={cfg.parallel.compile}\n"
               f"  {s_per_step:.2f} s/step (optimizer overlapped; {n} steps), MFU {100 * mfu:.1f}% "
               f"({flops / s_per_step / 1e12:.0f} TFLOP/s of model FLOPs)\n"

@@ -1,10 +1,12 @@
 """Download the checkpoints the 7B multi-view pipeline needs (upstream's download script, our module name).
 
     python -m mvmodel.download --model_sizes 7B --model_types Text2World-Sample-AV-Multiview --checkpoint_dir checkpoints
+    python -m mvmodel.download --model_sizes 7B --model_types Video2World-Sample-AV-Multiview --checkpoint_dir checkpoints
 
 Fetches from the Hugging Face Hub, into the folder layout the inference CLI and the trainer read:
 
     checkpoints/Cosmos-Predict1-7B-Text2World-Sample-AV-Multiview/model.pt   the diffusion transformer (DiT)
+    checkpoints/Cosmos-Predict1-7B-Video2World-Sample-AV-Multiview/model.pt  the Video2World DiT (when asked for)
     checkpoints/Cosmos-Tokenize1-CV8x8x8-720p/{encoder,decoder}.jit, mean_std.pt   the video tokenizer
     checkpoints/google-t5/t5-11b/                                           the T5-XXL text encoder
     checkpoints/meta-llama/Llama-Guard-3-8B/                                the prompt guardrail (gated, ~16 GB)
@@ -33,7 +35,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-DIT_REPOS = {("7B", "Text2World-Sample-AV-Multiview"): "nvidia/Cosmos-Predict1-7B-Text2World-Sample-AV-Multiview"}
+DIT_REPOS = {("7B", "Text2World-Sample-AV-Multiview"): "nvidia/Cosmos-Predict1-7B-Text2World-Sample-AV-Multiview",
+             ("7B", "Video2World-Sample-AV-Multiview"): "nvidia/Cosmos-Predict1-7B-Video2World-Sample-AV-Multiview"}
+# The net each DiT repository's model.pt must fit (names and shapes checked after download / on --from_dir).
+DIT_PRESETS = {"nvidia/Cosmos-Predict1-7B-Text2World-Sample-AV-Multiview": "cosmos_7b_multiview_6view",
+               "nvidia/Cosmos-Predict1-7B-Video2World-Sample-AV-Multiview": "cosmos_7b_video2world_multiview_6view"}
+DEFAULT_MODEL_TYPES = ["Text2World-Sample-AV-Multiview"]
 TOKENIZER_REPO = "nvidia/Cosmos-Tokenize1-CV8x8x8-720p"
 T5_REPO = "google-t5/t5-11b"
 LLAMA_GUARD_REPO = "meta-llama/Llama-Guard-3-8B"
@@ -212,6 +219,12 @@ def dit_problems(model_pt: Path, net_config=None) -> list[str]:
     return problems
 
 
+def _dit_config(repo_id: str):
+    from .networks import preset
+
+    return preset(DIT_PRESETS[repo_id])
+
+
 def _t5_problems(folder: Path) -> list[str]:
     out = []
     if not any((folder / f).is_file() for f in T5_WEIGHTS):
@@ -240,7 +253,7 @@ def check_layout(checkpoint_dir: Path, comps: list[Component], net_config=None) 
             problems += [f"missing {m} (the {c.what}, {c.repo_id})" for m in missing_files(root)
                          if m.startswith(prefix)]
         elif c.repo_id in DIT_REPOS.values():
-            problems += dit_problems(folder / "model.pt", net_config)
+            problems += dit_problems(folder / "model.pt", net_config or _dit_config(c.repo_id))
     return problems
 
 
@@ -291,8 +304,8 @@ def main(argv: list[str] | None = None) -> int:
                                  epilog="Gated NVIDIA repositories: accept each licence on huggingface.co and log in "
                                         "(`hf auth login` or HF_TOKEN) first.")
     ap.add_argument("--model_sizes", nargs="+", default=["7B"], choices=MODEL_SIZES, help="default: 7B")
-    ap.add_argument("--model_types", nargs="+", default=MODEL_TYPES, choices=MODEL_TYPES,
-                    help=f"default: {' '.join(MODEL_TYPES)}")
+    ap.add_argument("--model_types", nargs="+", default=DEFAULT_MODEL_TYPES, choices=MODEL_TYPES,
+                    help=f"default: {' '.join(DEFAULT_MODEL_TYPES)} (the Video2World DiT only when asked for)")
     ap.add_argument("--checkpoint_dir", default="checkpoints", help="where the model folders go (default: checkpoints)")
     ap.add_argument("--dry_run", action="store_true", help="list the files and sizes that would be downloaded")
     ap.add_argument("--from_dir", default=None, metavar="PATH",

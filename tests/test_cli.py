@@ -10,6 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIS = ["mvmodel.train", "mvmodel.demo", "mvmodel.download", "mvmodel.inference.text2world_multiview",
+        "mvmodel.inference.video2world_multiview",
         "mvmodel.inference.model_dir", "mvmodel.data.synthetic", "mvmodel.data.t5_embeddings", "mvmodel.data.tiny_t5",
         "mvmodel.tokenizer.export"]
 
@@ -30,6 +31,7 @@ def test_help(module):
 def test_train_help_lists_experiments():
     out = _run("mvmodel.train", "--help").stdout
     assert "text2world_multiview_7b_example_waymo" in out and "text2world_multiview_cpu_example" in out
+    assert "video2world_multiview_7b_example_waymo" in out and "video2world_multiview_cpu_example" in out
 
 
 def _one_line_error(r: subprocess.CompletedProcess, *needles: str) -> str:

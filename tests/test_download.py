@@ -215,3 +215,23 @@ def test_bad_model_type_is_an_argument_error(capsys):
     with pytest.raises(SystemExit) as e:
         dl.main(["--model_types", "Video2World"])
     assert e.value.code == 2 and "--model_types" in capsys.readouterr().err
+
+
+def test_video2world_model_type(monkeypatch, tmp_path, capsys):
+    """--model_types Video2World-Sample-AV-Multiview fetches the Video2World DiT (checked against the 96-input net)."""
+    repo = "nvidia/Cosmos-Predict1-7B-Video2World-Sample-AV-Multiview"
+    listing = {**LISTING, repo: LISTING["nvidia/Cosmos-Predict1-7B-Text2World-Sample-AV-Multiview"]}
+    dit, _, _ = dl.plan(dl.components(["7B"], ["Video2World-Sample-AV-Multiview"]), listing.__getitem__)
+    assert dit.repo_id == repo and dit.folder == "Cosmos-Predict1-7B-Video2World-Sample-AV-Multiview"
+    monkeypatch.setattr(dl, "hub_listing", lambda r, token=None: listing[r])
+    assert dl.main(["--model_types", "Video2World-Sample-AV-Multiview", "--checkpoint_dir", "ck", "--dry_run"]) == 0
+    assert "ck/Cosmos-Predict1-7B-Video2World-Sample-AV-Multiview" in capsys.readouterr().out
+    # the shape check uses the Video2World net: a Text2World model.pt in its folder is reported
+    with torch.device("meta"):
+        t2w_sd = MultiviewDiT(preset("cosmos_7b_multiview_6view")).state_dict()
+    small = {f"net.{k}": torch.empty(v.shape, dtype=torch.bfloat16) if k == "x_embedder.proj.1.weight" else
+             torch.empty(0) for k, v in t2w_sd.items()}
+    (tmp_path / "v2w").mkdir()
+    torch.save(small, tmp_path / "v2w" / "model.pt")
+    problems = dl.dit_problems(tmp_path / "v2w" / "model.pt", dl._dit_config(repo))
+    assert any("x_embedder.proj.1.weight: [4096, 92] (ours [4096, 96])" in p for p in problems)

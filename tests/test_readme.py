@@ -24,10 +24,10 @@ MARKER = "<!-- tests/test_readme.py runs the next code block line by line -->"
 SLOT_CAMERAS = ["pinhole_front", "pinhole_front_left", "pinhole_front_right", "pinhole_side_left", "pinhole_side_right"]
 
 
-def walkthrough_commands(readme: str) -> list[str]:
+def walkthrough_commands(readme: str, marker: str = MARKER) -> list[str]:
     """The shell commands of the marked block: comments dropped, backslash continuations joined."""
-    assert MARKER in readme, "README.md lost the walk-through marker"
-    block = re.search(r"```bash\n(.*?)```", readme[readme.index(MARKER):], re.S).group(1)
+    assert marker in readme, "README.md lost the walk-through marker"
+    block = re.search(r"```bash\n(.*?)```", readme[readme.index(marker):], re.S).group(1)
     commands, current = [], ""
     for line in block.splitlines():
         if not current and (not line.strip() or line.lstrip().startswith("#")):

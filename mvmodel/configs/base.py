@@ -22,6 +22,7 @@ from typing import Any, Callable
 WAYMO_VIEW_KEYS = ["pinhole_front_left", "pinhole_front", "pinhole_front_right", "pinhole_side_left",
                    "pinhole_side_right"]
 PRETRAINED_7B = "checkpoints/Cosmos-Predict1-7B-Text2World-Sample-AV-Multiview/model.pt"
+PRETRAINED_7B_V2W = "checkpoints/Cosmos-Predict1-7B-Video2World-Sample-AV-Multiview/model.pt"
 TOKENIZER_DIR = "checkpoints/Cosmos-Tokenize1-CV8x8x8-720p"
 AC_MODES = ("none", "block", "subblock", "selective")
 RECIPES = ("full", "full_offload", "lora")  # trainer.recipe's named recipes (mvmodel.trainer.recipes)
@@ -101,6 +102,15 @@ class ModelConfig:
     p_std: float = 1.0
     text_dropout: float = 0.2
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+
+    # Video2World nets only (net_overrides video2world=true or a *video2world* preset), upstream's video_cond_bool:
+    condition_frames_max: int = 2
+    """Conditioning latent frames per sample drawn uniformly from 0..this (the same count in every view)."""
+    condition_augment_p_mean: float = -3.0
+    condition_augment_p_std: float = 2.0
+    """The condition latents get N(0, sigma_aug^2) noise, ln sigma_aug ~ N(p_mean, p_std)."""
+    condition_dropout: float = 0.2
+    """Rate of unconditional samples (condition region and mask zeroed) for guidance on the input frames."""
 
 
 @dataclass

@@ -18,10 +18,15 @@
 * ``text2world_multiview_cpu_example``: README's CPU walk-through (synthetic data, a width-128 net that learns the
   scene in a few minutes on 2 cores, also under ``torchrun --nproc_per_node=2``).
 * ``text2world_multiview_demo``: the same for ``python -m mvmodel.demo`` (its own dataset/tokenizer folders).
+* ``video2world_multiview_7b_example_waymo`` / ``_1gpu``: upstream's Video2World Waymo example (the Text2World
+  recipe with the condition-mask net, 0-2 conditioning latent frames per sample, sigma_aug = exp(N(-3, 2)),
+  unconditional = condition region zeroed), from the released Video2World 6-view weights.
+* ``video2world_multiview_tiny_example`` / ``video2world_multiview_cpu_example``: the tiny and CPU examples with the
+  Video2World net (tests, the CPU continuation walk-through).
 """
 from __future__ import annotations
 
-from .base import (PRETRAINED_7B, TOKENIZER_DIR, WAYMO_VIEW_KEYS, CheckpointConfig, Config, DataConfig, EMAConfig,
+from .base import (PRETRAINED_7B, PRETRAINED_7B_V2W, TOKENIZER_DIR, WAYMO_VIEW_KEYS, CheckpointConfig, Config, DataConfig, EMAConfig,
                    JobConfig, ModelConfig, OptimizerConfig, ParallelConfig, TrainerConfig)
 
 # FSDP2 choices of the 7B recipe per GPU memory class (GiB of device memory, capped by trainer.gpu_memory_cap_gib),
@@ -177,6 +182,41 @@ def text2world_multiview_demo() -> Config:
     return cfg
 
 
+def _video2world(cfg: Config, name: str) -> Config:
+    """A Text2World experiment turned into its Video2World twin: same data, trainer and memory plan; the net gets
+    the condition-mask channel; the conditioning values are ModelConfig's defaults (upstream's video_cond_bool)."""
+    cfg.job.name, cfg.job.group = name, "diffusion_video2world"
+    cfg.model.net_overrides["video2world"] = True
+    return cfg
+
+
+def video2world_multiview_7b_example_waymo() -> Config:
+    """Upstream's ``video2world_multiview_7b_example_waymo``: 5 Waymo views x 57 frames, 8 GPUs, from the released
+    Video2World weights (a Text2World checkpoint also loads: its mask channel starts at zero)."""
+    cfg = _video2world(text2world_multiview_7b_example_waymo(), "video2world_multiview_7b_example_waymo")
+    cfg.checkpoint.load_path = PRETRAINED_7B_V2W
+    return cfg
+
+
+def video2world_multiview_7b_example_waymo_1gpu() -> Config:
+    """The Video2World Waymo example on one 80 GB GPU (the Text2World _1gpu memory plan: 4 more patch-embed
+    inputs, 16K parameters, change nothing there)."""
+    cfg = _video2world(text2world_multiview_7b_example_waymo_1gpu(), "video2world_multiview_7b_example_waymo_1gpu")
+    cfg.checkpoint.load_path = PRETRAINED_7B_V2W
+    return cfg
+
+
+def video2world_multiview_tiny_example() -> Config:
+    """Tests: the tiny example with the Video2World net (9 frames = 2 latent frames per view: 0-2 conditioned)."""
+    return _video2world(text2world_multiview_tiny_example(), "video2world_multiview_tiny_example")
+
+
+def video2world_multiview_cpu_example() -> Config:
+    """The CPU walk-through's Video2World model: the Text2World CPU example's net, data and schedule (25 frames =
+    4 latent frames per view, 0-2 of them conditioned)."""
+    return _video2world(text2world_multiview_cpu_example(), "video2world_multiview_cpu_example")
+
+
 EXPERIMENTS = {
     "text2world_multiview_7b_example_waymo": text2world_multiview_7b_example_waymo,
     "text2world_multiview_7b_example_waymo_1gpu": text2world_multiview_7b_example_waymo_1gpu,
@@ -186,4 +226,8 @@ EXPERIMENTS = {
     "text2world_multiview_tiny_example": text2world_multiview_tiny_example,
     "text2world_multiview_cpu_example": text2world_multiview_cpu_example,
     "text2world_multiview_demo": text2world_multiview_demo,
+    "video2world_multiview_7b_example_waymo": video2world_multiview_7b_example_waymo,
+    "video2world_multiview_7b_example_waymo_1gpu": video2world_multiview_7b_example_waymo_1gpu,
+    "video2world_multiview_tiny_example": video2world_multiview_tiny_example,
+    "video2world_multiview_cpu_example": video2world_multiview_cpu_example,
 }

@@ -21,25 +21,32 @@ from torch import Tensor
 
 @dataclass
 class Condition:
-    """crossattn_emb [B, V*M, Dc]; fps [B] | None; padding_mask [B, 1, H, W] | None; frame_repeat [B, V] | None."""
+    """crossattn_emb [B, V*M, Dc]; fps [B] | None; padding_mask [B, 1, H, W] | None; frame_repeat [B, V] | None;
+    condition_video_input_mask [B, 1, V*T, h, w] | None (Video2World nets' extra input channel)."""
 
     crossattn_emb: Tensor
     fps: Tensor | None = None
     padding_mask: Tensor | None = None
     frame_repeat: Tensor | None = None
+    condition_video_input_mask: Tensor | None = None
 
     def to_kwargs(self) -> dict[str, Any]:
-        return {"crossattn_emb": self.crossattn_emb, "fps": self.fps, "padding_mask": self.padding_mask,
-                "frame_repeat": self.frame_repeat}
+        out = {"crossattn_emb": self.crossattn_emb, "fps": self.fps, "padding_mask": self.padding_mask,
+               "frame_repeat": self.frame_repeat}
+        if self.condition_video_input_mask is not None:  # only Video2World nets take it
+            out["condition_video_input_mask"] = self.condition_video_input_mask
+        return out
 
     def to(self, device=None, dtype=None) -> "Condition":
         """Move tensors; ``dtype`` applies to the text embedding only (fps stays exact in fp32)."""
         def mv(t, dt=None):
             return None if t is None else t.to(device=device, dtype=dt)
-        return Condition(mv(self.crossattn_emb, dtype), mv(self.fps), mv(self.padding_mask), mv(self.frame_repeat))
+        return Condition(mv(self.crossattn_emb, dtype), mv(self.fps), mv(self.padding_mask), mv(self.frame_repeat),
+                         mv(self.condition_video_input_mask))
 
     def uncondition(self) -> "Condition":
-        """The CFG unconditional branch: zero text, everything else identical."""
+        """The CFG unconditional branch: zero text, everything else identical (Video2World: the condition frames
+        and their mask stay, upstream's add_input_frames_guidance=False)."""
         return dataclasses.replace(self, crossattn_emb=torch.zeros_like(self.crossattn_emb))
 
     def batch_size(self) -> int:

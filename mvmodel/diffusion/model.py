@@ -8,6 +8,7 @@ Shapes: latents x0 [B, 16, V*T, H, W] (already scaled by sigma_data, as upstream
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,7 @@ from torch import Tensor, nn
 from ..networks import MultiviewDiT
 from .conditioning import Condition
 from .edm import EDMScaling, UncertaintyHead, edm_loss, sample_sigma
+from .video2world import VideoCondition
 
 
 @dataclass
@@ -54,29 +56,41 @@ class DiffusionModel(nn.Module):
     def net_dtype(self) -> torch.dtype:
         return self.compute_dtype or self.net.x_embedder.proj[1].weight.dtype
 
-    def denoise(self, x_sigma: Tensor, sigma: Tensor, condition: Condition) -> DenoisePrediction:
+    def denoise(self, x_sigma: Tensor, sigma: Tensor, condition: Condition,
+                video: VideoCondition | None = None) -> DenoisePrediction:
         """D(x_sigma) = c_skip x_sigma + c_out F(c_in x_sigma, c_noise, cond).
 
         As upstream, sigma and the net input are rounded to the net's dtype before use; the skip combination is
-        done in fp32 (upstream does it in bf16).
+        done in fp32 (upstream does it in bf16). ``video`` (Video2World training, upstream's
+        ``ExtendDiffusionModel.denoise``): the condition region's input is the augmented condition latent, the
+        mask channel is fed to the net, and x0 is replaced by the condition latent there; eps stays relative to
+        the noisy x_sigma, as upstream.
         """
         dt = self.net_dtype
         sigma = sigma.reshape(-1).to(dt).float()
         if sigma.numel() != x_sigma.shape[0]:
             raise ValueError(f"sigma must have one value per sample ({x_sigma.shape[0]}), got {tuple(sigma.shape)}")
         c_skip, c_out, c_in, c_noise = self.scaling(sigma)
-        xf = x_sigma.to(dt).float()
+        x_noisy = x_sigma.to(dt).float()
+        xf = x_noisy
+        if video is not None:
+            condition = dataclasses.replace(condition, condition_video_input_mask=video.input_mask().to(dt))
+            xf = video.compose(x_noisy, sigma).to(dt).float()
         out = self.net((xf * _bcast(c_in, xf)).to(dt), c_noise.to(dt), **condition.to_kwargs())
         x0 = _bcast(c_skip, xf) * xf + _bcast(c_out, xf) * out.float()
-        eps = (xf - x0) / _bcast(sigma, xf)
+        if video is not None:
+            x0 = video.replace_x0(x0)
+        eps = (x_noisy - x0) / _bcast(sigma, xf)
         logvar = self.logvar(c_noise.to(dt).float())
         return DenoisePrediction(x0, eps, logvar, out)
 
     def training_loss(self, x0: Tensor, condition: Condition, *, sigma: Tensor | None = None,
-                      epsilon: Tensor | None = None, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+                      epsilon: Tensor | None = None, generator: torch.Generator | None = None,
+                      video: VideoCondition | None = None) -> dict[str, Tensor]:
         """One EDM training loss: x_sigma = x0 + sigma * eps; returns ``edm_loss``'s dict plus ``sigma``.
 
-        ``sigma`` [B] and ``epsilon`` (x0's shape) are drawn from ``generator`` when not given.
+        ``sigma`` [B] and ``epsilon`` (x0's shape) are drawn from ``generator`` when not given; ``video``: the
+        Video2World condition (``mvmodel.diffusion.video2world.training_condition``).
         """
         B = x0.shape[0]
         if sigma is None:
@@ -88,7 +102,7 @@ class DiffusionModel(nn.Module):
             raise ValueError(f"epsilon shape {tuple(epsilon.shape)} != x0 shape {tuple(x0.shape)}")
         sigma = sigma.to(x0.device).float().reshape(B)
         x_sigma = x0.float() + _bcast(sigma, x0) * epsilon.float()
-        pred = self.denoise(x_sigma, sigma, condition)
+        pred = self.denoise(x_sigma, sigma, condition, video)
         out = edm_loss(x0, pred.x0, sigma.to(self.net_dtype).float(), pred.logvar, self.scaling)
         out["sigma"] = sigma.detach()
         out["logvar"] = pred.logvar.detach().reshape(B)

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 CONFIG_NAME = "mvworld.json"
 FORMAT = "mvworld.model/1"
 RELEASED_NAME = "Cosmos-Predict1-7B-Text2World-Sample-AV-Multiview"
+RELEASED_V2W_NAME = "Cosmos-Predict1-7B-Video2World-Sample-AV-Multiview"
 SLOTS = ("front", "left", "right", "back", "back_left", "back_right")
 SLOT_ARGS = {"front": "prompt", "left": "prompt_left", "right": "prompt_right", "back": "prompt_back",
              "back_left": "prompt_back_left", "back_right": "prompt_back_right"}
@@ -126,10 +127,12 @@ def infer_released_config(state_dict: dict[str, Any], where: str) -> DiTConfig:
                          f"net.x_embedder.proj.1.weight among its {len(state_dict)} keys)")
     n_blocks = len({k.split(".")[1] for k in net if k.startswith("blocks.")})
     shape, width, repeat = tuple(ve.shape), xe.shape[0], "repeat_frame_embedding.weight" in net
+    # Video2World nets have one more patch-embed input channel (the condition mask): p*p*r = 4 more columns.
+    v2w = xe.shape[1] == (16 + 1 + 1 + shape[1]) * 4
     if width == 4096 and n_blocks == 28 and shape == (6, 6) and repeat:
-        return preset("cosmos_7b_multiview_6view")
+        return preset("cosmos_7b_multiview_6view", video2world=v2w)
     if width == 4096 and n_blocks == 28 and shape == (5, 3) and not repeat:
-        return preset("cosmos_7b_multiview_waymo")
+        return preset("cosmos_7b_multiview_waymo", video2world=v2w)
     raise ValueError(f"{where}: no {CONFIG_NAME} beside it and the net (width {width}, {n_blocks} blocks, view "
                      f"embedding {list(shape)}, repeat-frame embedding {repeat}) is neither the released 6-view 7B "
                      f"nor the 5-view Waymo 7B; write {CONFIG_NAME} describing it (see mvmodel.inference.model_dir)")

@@ -26,6 +26,7 @@ only repeat it); the other ranks return None for each video.
 """
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import math
@@ -36,7 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..diffusion import Condition, EDMScaling, karras_sigmas
+from ..diffusion import Condition, EDMScaling, VideoCondition, karras_sigmas
 from ..networks import MultiviewDiT, load_cosmos_checkpoint
 from ..networks.precision import Precision, apply_precision, set_sampling_step
 from .model_dir import ModelSpec
@@ -165,29 +166,37 @@ def _cat(a: Tensor | None, b: Tensor | None) -> Tensor | None:
 
 @torch.no_grad()
 def euler_step_cfg(net: MultiviewDiT, x: Tensor, sigma: float, sigma_next: float, cond: Condition,
-                         uncond: Condition | None, guidance: float, batch_cfg: bool = True,
-                         scaling: EDMScaling = EDMScaling(SIGMA_DATA)) -> Tensor:
+                   uncond: Condition | None, guidance: float, batch_cfg: bool = True,
+                   scaling: EDMScaling = EDMScaling(SIGMA_DATA), video: VideoCondition | None = None) -> Tensor:
     """One Euler step of upstream's sampler. x [1, 16, V*T, h, w] in the net dtype -> next x (same dtype).
 
     With ``uncond`` the net sees a batch of 2 (cond, uncond) in one forward unless ``batch_cfg`` is False.
+    ``video`` (Video2World): the condition region of the input is the augmented condition latent, the guided
+    output there is replaced so that x0 equals it, and the step starts from that composed input, as upstream's
+    ``DiffusionMultiviewV2WModel.generate_samples_from_batch`` (``mvmodel.diffusion.video2world``).
     """
     dt = net_dtype(net)
     s = torch.tensor([sigma], dtype=torch.float32, device=x.device)  # diffusers keeps sigmas in fp32
     c_skip, c_out, c_in, c_noise = scaling(s)
+    ind = None
+    if video is not None:
+        ind = video.active_indicator(s)
+        x = video.compose(x, s, ind).to(dt)
     xf = x.float()
     x_in = (xf * c_in).to(dt)
     t = c_noise.to(dt)
     if uncond is None or guidance == 0:
         f = net(x_in, t, **cond.to_kwargs()).float()
     elif batch_cfg:
-        both = Condition(*(_cat(getattr(cond, k), getattr(uncond, k)) for k in
-                           ("crossattn_emb", "fps", "padding_mask", "frame_repeat")))
+        both = Condition(*(_cat(getattr(cond, f.name), getattr(uncond, f.name)) for f in dataclasses.fields(Condition)))
         f_c, f_u = net(torch.cat([x_in, x_in]), t.expand(2), **both.to_kwargs()).float().chunk(2)
         f = f_c + guidance * (f_c - f_u)
     else:
         f_c = net(x_in, t, **cond.to_kwargs()).float()
         f_u = net(x_in, t, **uncond.to_kwargs()).float()
         f = f_c + guidance * (f_c - f_u)
+    if video is not None:
+        f = video.replace_output(f, xf, s, ind)
     d = c_skip * xf + c_out * f
     return (xf + (xf - d) / sigma * (sigma_next - sigma)).to(dt)
 
@@ -282,7 +291,8 @@ class MultiviewGenerationPipeline:
     def sample(self, text: Tensor, *, seed: int, num_steps: int = 35, guidance: float = 7.0, fps: float = 24.0,
                num_video_frames: int = 57, height: int = 480, width: int = 848,
                frame_repeat: Sequence[float] | None = None,
-               callback: Callable[[int, Tensor], None] | None = None) -> Tensor:
+               callback: Callable[[int, Tensor], None] | None = None,
+               video: VideoCondition | None = None) -> Tensor:
         """text [V*512, D] -> sampled x0 [1, 16, V*T', H/8, W/8] float32 on the CPU (tokenizer latents x
         sigma_data, the diffusion model's data space). ``callback(step, x)`` after every step."""
         V = self.spec.n_views
@@ -297,6 +307,13 @@ class MultiviewGenerationPipeline:
         noise = torch.randn(shape, generator=gen) * math.sqrt(80.0**2 + 1)  # diffusers' init_noise_sigma
         cond, uncond = make_condition(text, V, fps, height, width, frame_repeat or [0.0] * V, self.device,
                                       net_dtype(net))
+        if video is not None:  # both branches keep the condition frames' mask (guidance differs in the text only)
+            video = dataclasses.replace(video, gt=video.gt.to(self.device), indicator=video.indicator.to(self.device),
+                                        augment_sigma=video.augment_sigma.to(self.device),
+                                        noise=video.noise.to(self.device))
+            mask = video.input_mask().to(net_dtype(net))
+            cond = dataclasses.replace(cond, condition_video_input_mask=mask)
+            uncond = dataclasses.replace(uncond, condition_video_input_mask=mask)
         sigmas = karras_sigmas(num_steps).float().tolist()
         x = noise.to(self.device, net_dtype(net))
         steps = range(num_steps)
@@ -306,7 +323,8 @@ class MultiviewGenerationPipeline:
             steps = tqdm(steps, desc=f"sampling {V} views", unit="step")
         for i in steps:
             set_sampling_step(net, i)  # bf16 for the first precision.bf16_steps steps
-            x = euler_step_cfg(net, x, sigmas[i], sigmas[i + 1], cond, uncond, guidance, self.batch_cfg)
+            x = euler_step_cfg(net, x, sigmas[i], sigmas[i + 1], cond, uncond, guidance, self.batch_cfg,
+                               video=video)
             if not bool(torch.isfinite(x).all()):  # one sync per step: negligible next to a forward
                 raise NonFiniteError(f"sampling produced NaN/inf at step {i + 1}/{num_steps} (sigma {sigmas[i]:.4g}, "
                                      f"guidance {guidance:g}, dtype {net_dtype(net)}); nothing is saved. Check the "
@@ -314,6 +332,21 @@ class MultiviewGenerationPipeline:
             if callback is not None:
                 callback(i, x)
         return x.float().cpu()
+
+    @torch.no_grad()
+    def encode_condition(self, frames: Tensor, num_video_frames: int, height: int, width: int) -> Tensor:
+        """Video2World input frames uint8 [V, N, H, W, 3] (net view order) -> condition latent
+        [1, 16, V*T', h, w] (x sigma_data, on the CPU): normalised, resized, zero-padded to ``num_video_frames``
+        and encoded one view at a time, as upstream."""
+        from .video2world_input import frames_to_model_input
+
+        tok = self.tokenizer(num_video_frames)
+        x = frames_to_model_input(frames, num_video_frames, height, width)
+        z = tok.encode_views(x.to(self.device), frames.shape[0]).float() * SIGMA_DATA  # casts to its own dtype
+        if self.offload:
+            tok.to("cpu")
+            free_accelerator_memory()
+        return z.cpu()
 
     @torch.no_grad()
     def decode(self, latent: Tensor, num_video_frames: int) -> Tensor:
@@ -332,9 +365,18 @@ class MultiviewGenerationPipeline:
     # ------------------------------------------------------------------ all together
     def generate(self, prompt_sets: Sequence[dict[str, str]], *, seeds: Sequence[int], num_steps: int = 35,
                  guidance: float = 7.0, fps: float = 24.0, num_video_frames: int = 57, height: int = 480,
-                 width: int = 848, frame_repeat_negative_condition: float = 10.0) -> list[Tensor]:
+                 width: int = 848, frame_repeat_negative_condition: float = 10.0,
+                 input_frames: Sequence[Tensor] | None = None, num_input_frames: int = 1) -> list[Tensor]:
         """One video per prompt set ({slot: text} covering every slot of the net); returns uint8 [V, T, H, W, 3]
-        per set, views in the net's order. All prompts are encoded first, all latents sampled, then decoded."""
+        per set, views in the net's order. All prompts are encoded first, all latents sampled, then decoded.
+
+        ``input_frames`` (Video2World nets): uint8 [V, N, H, W, 3] per prompt set; the first
+        ``latent_frames_of_input(num_input_frames)`` latent frames of every view are conditioned on them
+        (``num_input_frames=0``: none, the net's Text2World mode, which its training includes)."""
+        if bool(self.spec.net_config.video2world) != (input_frames is not None):
+            raise ValueError(f"{self.spec.weights}: a {'Video2World' if self.spec.net_config.video2world else 'Text2World'}"
+                             f" net; " + ("input frames are required (mvmodel.inference.video2world_multiview)"
+                                          if input_frames is None else "it takes no input frames"))
         slots = self.spec.slots
         for i, ps in enumerate(prompt_sets):
             missing = [s for s in slots if not (ps.get(s) or "").strip()]
@@ -361,10 +403,17 @@ class MultiviewGenerationPipeline:
         latents = []
         for i, (ps, seed) in enumerate(zip(prompt_sets, seeds, strict=True)):
             text = torch.cat([emb[ps[s]] for s in slots])  # [V*512, D], view-major as the net expects
+            video = None
+            if input_frames is not None:
+                from ..diffusion.video2world import inference_condition, latent_frames_of_input
+
+                gt = self.encode_condition(input_frames[i], num_video_frames, height, width)
+                n_t = latent_frames_of_input(num_input_frames) if num_input_frames else 0
+                video = inference_condition(gt, self.spec.n_views, n_t, seed)
             log.info("sample %d/%d (seed %d)", i + 1, len(prompt_sets), seed)
             latents.append(self.sample(text, seed=seed, num_steps=num_steps, guidance=guidance, fps=fps,
                                        num_video_frames=num_video_frames, height=height, width=width,
-                                       frame_repeat=fr))
+                                       frame_repeat=fr, video=video))
         self.latents = latents  # [1, 16, V*T', h, w] per video (the same on every rank of a CP group)
         if not self.is_lead:
             return [None] * len(latents)

@@ -43,24 +43,39 @@ import torch.distributed as dist
 
 from ..networks.precision import (DEFAULT_BF16_BLOCKS, DEFAULT_BF16_STEPS, PRECISIONS, Precision, parse_blocks,
                                   resolve_precision)
-from .model_dir import RELEASED_NAME, SLOT_ARGS, INFERENCE_DEFAULTS, resolve_model
+from .model_dir import RELEASED_NAME, RELEASED_V2W_NAME, SLOT_ARGS, INFERENCE_DEFAULTS, resolve_model
 from .video_io import check_save_name
 
 _LEAD = "The video is captured from a camera mounted on a car. The camera is facing "
 DEFAULT_PROMPTS = {"left": _LEAD + "to the left. ", "right": _LEAD + "to the right.", "back": _LEAD + "backwards.",
                    "back_left": _LEAD + "the rear left side.", "back_right": _LEAD + "the rear right side."}
+V2W_DESCRIPTION = ("Multi-view Video2World generation: continue every camera from its first frames (upstream's "
+                   "video2world_multiview.py CLI).")
 TOKENIZER_NAME = "Cosmos-Tokenize1-CV8x8x8-720p"
 T5_NAME = "google-t5/t5-11b"
 log = logging.getLogger("mvmodel.inference")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m mvmodel.inference.text2world_multiview",
-                                 description=__doc__.split("\n\n")[0])
+def build_parser(video2world: bool = False) -> argparse.ArgumentParser:
+    """Text2World's flags; with ``video2world`` also upstream's Video2World input flags (same machinery)."""
+    mod = "video2world_multiview" if video2world else "text2world_multiview"
+    desc = V2W_DESCRIPTION if video2world else __doc__.split("\n\n")[0]
+    ap = argparse.ArgumentParser(prog=f"python -m mvmodel.inference.{mod}", description=desc)
     a = ap.add_argument
     a("--checkpoint_dir", default="checkpoints", help="folder holding the model, tokenizer and T5 folders")
-    a("--diffusion_transformer_dir", default=RELEASED_NAME,
+    a("--diffusion_transformer_dir", default=RELEASED_V2W_NAME if video2world else RELEASED_NAME,
       help="model folder under --checkpoint_dir (any name: released, _post-trained, our exports, trainer jobs)")
+    if video2world:
+        a("--input_image_or_video_path", default=None,
+          help="an mp4 with the views concatenated in time (prompt order, equal blocks; the last "
+               "--num_input_frames of each are used), or a folder with one mp4 per camera (<camera>.mp4, or "
+               "our dataset layout videos/<camera>/<clip>.mp4); required unless every --batch_input_path line "
+               "has visual_input")
+        a("--num_input_frames", type=int, default=1, choices=[1, 9],
+          help="conditioning frames per view: 1 or 9 (1 or 2 latent frames)")
+        a("--input_start_frame", type=int, default=None,
+          help="folder input: first input frame of each camera (default: the last --num_input_frames frames)")
+        a("--input_clip", default=None, help="dataset-layout folder input: the clip name (default: the only clip)")
     a("--n_views", type=int, default=None, help="check that the model has this many views (default: the model's)")
     a("--prompt", default=None, help="front camera prompt (required unless --batch_input_path)")
     for slot, arg in SLOT_ARGS.items():
@@ -119,6 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def prompt_sets(args, slots: tuple[str, ...]) -> list[tuple[str, int, dict[str, str]]]:
     """[(save name, seed, {slot: prompt})] from the command line or the JSONL file."""
+    return [(name, seed, ps) for name, seed, ps, _ in prompt_sets_with(args, slots)]
+
+
+def prompt_sets_with(args, slots: tuple[str, ...], extra_keys: tuple[str, ...] = ()
+                     ) -> list[tuple[str, int, dict[str, str], dict]]:
+    """``prompt_sets`` plus, per set, the JSONL line's ``extra_keys`` values (e.g. Video2World's
+    ``visual_input``; {} on the command line)."""
     given = {s: getattr(args, arg) for s, arg in SLOT_ARGS.items()}
     base = {s: given[s] if given[s] is not None else DEFAULT_PROMPTS.get(s) for s in SLOT_ARGS}
     for s in SLOT_ARGS:
@@ -128,11 +150,12 @@ def prompt_sets(args, slots: tuple[str, ...]) -> list[tuple[str, int, dict[str, 
     if args.batch_input_path is None:
         if not (args.prompt or "").strip():
             raise ValueError("--prompt (the front camera's prompt) is required unless --batch_input_path is given")
-        return [(check_save_name(args.video_save_name, "--video_save_name"), args.seed, {s: base[s] for s in slots})]
+        return [(check_save_name(args.video_save_name, "--video_save_name"), args.seed, {s: base[s] for s in slots},
+                 {})]
     path = Path(args.batch_input_path)
     if not path.is_file():
         raise FileNotFoundError(f"--batch_input_path {path} does not exist")
-    keys = set(SLOT_ARGS.values()) | {"seed", "video_save_name"}
+    keys = set(SLOT_ARGS.values()) | {"seed", "video_save_name"} | set(extra_keys)
     out, line_of = [], {}
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
@@ -156,7 +179,7 @@ def prompt_sets(args, slots: tuple[str, ...]) -> list[tuple[str, int, dict[str, 
         if name in line_of:  # the later video would overwrite the earlier one
             raise ValueError(f"{path}:{n}: video_save_name {name!r} is already used on line {line_of[name]}")
         line_of[name] = n
-        out.append((name, seed, ps))
+        out.append((name, seed, ps, {k: item[k] for k in extra_keys if k in item}))
     if not out:
         raise ValueError(f"--batch_input_path {path} holds no prompt sets")
     return out
@@ -244,12 +267,13 @@ def make_guardrails(args, device, ckpt: Path):
     return Guardrails(args.guardrail_dir or ckpt, device, offload=args.offload_guardrail_models)
 
 
-def run(argv: list[str] | None = None) -> list[dict[str, Path]]:
-    """Parse, generate and save; returns the written paths per video. Raises ValueError / OSError (user errors)."""
+def run(argv: list[str] | None = None, *, video2world: bool = False) -> list[dict[str, Path]]:
+    """Parse, generate and save; returns the written paths per video. Raises ValueError / OSError (user errors).
+    ``video2world``: the Video2World CLI (input frames; the model must be a Video2World net)."""
     from .pipeline import MultiviewGenerationPipeline, check_video_size, resolve_device
     from .video_io import save_outputs
 
-    args = build_parser().parse_args(argv)
+    args = build_parser(video2world).parse_args(argv)
     cp_group, is_main = setup_gpus(args)
     check_numbers(args)
     device = resolve_device(args.device)
@@ -260,11 +284,15 @@ def run(argv: list[str] | None = None) -> list[dict[str, Path]]:
     if args.n_views is not None and args.n_views != spec.n_views:
         raise ValueError(f"--n_views {args.n_views} does not match the model: {spec.weights} is a {spec.n_views}-view "
                          f"net (views {list(spec.slots)}, from {spec.source})")
+    kind = "Video2World" if spec.net_config.video2world else "Text2World"
+    if bool(spec.net_config.video2world) != video2world:
+        other = "video2world_multiview" if spec.net_config.video2world else "text2world_multiview"
+        raise ValueError(f"{spec.weights} is a {kind} net ({spec.source}); use python -m mvmodel.inference.{other}")
     # Checked and resolved before any model loads: what cannot run on this device is said here, in one line.
     dtype = getattr(torch, args.dtype) if args.dtype else None
     net_dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)  # the pipeline's default
     precision = resolve_precision(precision_of(args, spec.net_config.num_blocks), device, net_dtype)
-    sets = prompt_sets(args, spec.slots)
+    sets = prompt_sets_with(args, spec.slots, ("visual_input",) if video2world else ())
     opt = {k: getattr(args, k) if getattr(args, k) is not None else spec.defaults.get(k, v)
            for k, v in INFERENCE_DEFAULTS.items()}
     check_video_size(int(opt["num_video_frames"]), int(opt["height"]), int(opt["width"]))
@@ -277,40 +305,58 @@ def run(argv: list[str] | None = None) -> list[dict[str, Path]]:
                                 f"built-in tokenizer)")
     if args.negative_prompt:
         log.warning("--negative_prompt is ignored: the multi-view model's unconditional branch is zero text")
+    extra = {}
+    if video2world:  # every input is read and checked before any model loads
+        from .video2world_input import load_input_frames
+
+        cams = spec.net_config.camera_names
+        frames = []
+        for name, _, _, ex in sets:
+            src = ex.get("visual_input") or args.input_image_or_video_path
+            if not src:
+                raise ValueError("--input_image_or_video_path is required (or \"visual_input\" on every "
+                                 "--batch_input_path line)")
+            try:
+                frames.append(load_input_frames(src, slots=spec.slots, cameras=cams, n_views=args.n_views,
+                                                num_input_frames=args.num_input_frames,
+                                                start=args.input_start_frame, clip=args.input_clip))
+            except (ValueError, OSError) as exc:
+                raise type(exc)(f"{name}: {exc}" if len(sets) > 1 else str(exc)) from None
+        extra = dict(input_frames=frames, num_input_frames=args.num_input_frames)
     out_dir = prepare_output_folder(args.video_save_folder)
     guard = make_guardrails(args, device, ckpt)
     t0 = time.time()
     if guard is not None:  # before T5: a blocked prompt costs no generation
         _on_main(cp_group, is_main, lambda: guard.check_prompts(
-            [(f"video {name!r}, {slot} camera", ps[slot]) for name, _, ps in sets
+            [(f"video {name!r}, {slot} camera", ps[slot]) for name, _, ps, _ in sets
              for slot in sorted(spec.slots, key=list(SLOT_ARGS).index)]))  # front first, as the outputs list them
     pipe = MultiviewGenerationPipeline(spec, t5_dir=t5_dir, tokenizer_dir=tok_dir, device=device, dtype=dtype,
                                        attention_backend=args.attention_backend, t5_dtype=getattr(torch, args.t5_dtype),
                                        batch_cfg=not args.sequential_cfg, offload=not args.no_offload,
                                        progress=not args.no_progress, compile=args.compile, cp_group=cp_group,
                                        precision=precision)
-    log.info("model %s (%s), %d views %s; %d video(s) of %d frames at %dx%d, %s fps, %d steps, guidance %g%s",
+    log.info(kind + " model %s (%s), %d views %s; %d video(s) of %d frames at %dx%d, %s fps, %d steps, guidance %g%s",
              spec.weights, spec.source, spec.n_views, list(spec.slots), len(sets), opt["num_video_frames"],
              opt["height"], opt["width"], opt["fps"], args.num_steps, args.guidance,
              f"; context parallel over {args.num_gpus} ranks" if cp_group is not None else "")
-    videos = pipe.generate([ps for _, _, ps in sets], seeds=[seed for _, seed, _ in sets], num_steps=args.num_steps,
+    videos = pipe.generate([s[2] for s in sets], seeds=[s[1] for s in sets], num_steps=args.num_steps,
                            guidance=args.guidance, fps=float(opt["fps"]), num_video_frames=int(opt["num_video_frames"]),
                            height=int(opt["height"]), width=int(opt["width"]),
-                           frame_repeat_negative_condition=args.frame_repeat_negative_condition)
+                           frame_repeat_negative_condition=args.frame_repeat_negative_condition, **extra)
     written = []
     if not is_main:  # rank 0 writes every file
         return written
     if guard is not None:  # every video is checked before any file is written
         order = sorted(range(spec.n_views), key=lambda v: list(SLOT_ARGS).index(spec.slots[v]))  # front first
         checked = []
-        for (name, _, _), video in zip(sets, videos):
+        for (name, *_), video in zip(sets, videos):
             out = torch.empty_like(video)
             out[order] = guard.check_video(video[order], [f"video {name!r}, {spec.slots[v]} camera" for v in order])
             checked.append(out)
         videos = checked
         log.info("guardrails: %.1f s of %.1f s (%s)", sum(v for k, v in guard.timings.items()), time.time() - t0,
                  ", ".join(f"{k} {v:.1f} s" for k, v in guard.timings.items()))
-    for (name, _, ps), video, latent in zip(sets, videos, pipe.latents):
+    for (name, _, ps, _), video, latent in zip(sets, videos, pipe.latents):
         paths = save_outputs(out_dir, name, video, spec.slots, ps, float(opt["fps"]))
         log.info("saved %s, %s, %s", *paths.values())
         if args.save_latents:
@@ -321,12 +367,12 @@ def run(argv: list[str] | None = None) -> list[dict[str, Path]]:
     return written
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, *, video2world: bool = False) -> None:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s", datefmt="%H:%M:%S")
     from ..guardrail import GuardrailBlocked
 
     try:
-        run(argv)
+        run(argv, video2world=video2world)
     except GuardrailBlocked as exc:  # the content, not the command, is refused: its own status
         print(f"blocked: {exc}", file=sys.stderr)
         sys.exit(3)

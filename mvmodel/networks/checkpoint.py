@@ -142,6 +142,27 @@ def _as_tensor(key: str, val: Any) -> Tensor:
     return val
 
 
+def _add_condition_mask_columns(net: MultiviewDiT, sd: dict[str, Tensor], report: LoadReport) -> None:
+    """A Text2World checkpoint into a Video2World net: insert the condition-mask channel's ``p*p*r`` columns of
+    ``x_embedder.proj.1.weight`` (right after the latent's, where upstream's net concatenates the mask) as zeros,
+    so that the loaded net computes exactly what the Text2World net did until training moves them."""
+    cfg = net.config
+    kx, kv = "x_embedder.proj.1.weight", "view_embeddings.weight"
+    if not cfg.video2world or kx not in sd:
+        return
+    k = cfg.patch_spatial**2 * cfg.patch_temporal
+    dv = sd[kv].shape[1] if kv in sd else (cfg.view_condition_dim if cfg.concat_view_embedding else 0)
+    without_mask = (cfg.in_channels + int(cfg.concat_padding_mask) + dv) * k
+    W = _as_tensor(kx, sd[kx])
+    if W.dim() != 2 or W.shape[1] != without_mask:
+        return  # already has the mask channel (a Video2World checkpoint), or a shape the strict check reports
+    at = cfg.in_channels * k
+    sd[kx] = torch.cat([W[:, :at], W.new_zeros(W.shape[0], k), W[:, at:]], dim=1)
+    report.remapped.append(kx)
+    report.notes.append(f"Text2World checkpoint: the Video2World condition-mask input channel ({kx} columns "
+                        f"{at}..{at + k - 1}) is zero-initialised")
+
+
 def _remap_views(net: MultiviewDiT, sd: dict[str, Tensor], report: LoadReport, source_cameras: tuple[str, ...] | None,
                  target_cameras: tuple[str, ...] | None, view_name_map: Mapping[str, str] | None) -> None:
     """Rewrite ``x_embedder.proj.1.weight`` / ``view_embeddings.weight`` of ``sd`` for ``net``'s camera set."""
@@ -155,7 +176,7 @@ def _remap_views(net: MultiviewDiT, sd: dict[str, Tensor], report: LoadReport, s
     else:
         W_dst, E_dst = own[kx].detach().float().cpu().clone(), own[kv].detach().float().cpu().clone()
     k = cfg.patch_spatial**2 * cfg.patch_temporal
-    n_fixed = cfg.in_channels + int(cfg.concat_padding_mask)
+    n_fixed = cfg.in_channels + int(cfg.video2world) + int(cfg.concat_padding_mask)  # mask columns added before
     Vs, Dvs = E_src.shape
     Vd, Dvd = E_dst.shape
     if W_src.shape[0] != W_dst.shape[0] or W_src.shape[1] != (n_fixed + Dvs) * k:
@@ -232,6 +253,7 @@ def load_cosmos_checkpoint(model: nn.Module, path_or_state_dict: str | os.PathLi
         report.skipped += [f"logvar.{k}" for k in logvar_sd]
     own = net.state_dict()
     kx, kv = "x_embedder.proj.1.weight", "view_embeddings.weight"
+    _add_condition_mask_columns(net, net_sd, report)
     if remap_cameras and kx in net_sd and kv in net_sd and kv in own and (
             net_sd[kx].shape != own[kx].shape or net_sd[kv].shape != own[kv].shape or source_cameras or target_cameras):
         _remap_views(net, net_sd, report, source_cameras, target_cameras, view_name_map)

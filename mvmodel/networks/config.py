@@ -61,6 +61,10 @@ class DiTConfig:
     view_condition_dim: int = 6
     concat_view_embedding: bool = True
     add_repeat_frame_embedding: bool = True
+    video2world: bool = False
+    """Video2World net (upstream's ``MultiviewVideoExtendGeneralDIT``): one extra input channel, the condition mask
+    (1 on the conditioning latent frames), concatenated after the latent; upstream builds it by passing
+    ``in_channels + 1`` to the base net, so the patch embedding sees 16 + 1 + 1 + 6 = 24 channels (96 inputs)."""
     # --- our options (not upstream kwargs) ---
     attention_backend: str = "auto"
     """"sdpa" (torch SDPA + plain PyTorch norm/RoPE), "mvkernels" (fused ops), "hybrid" (fused norm/RoPE + torch SDPA),
@@ -86,8 +90,8 @@ class DiTConfig:
 
     @property
     def patch_in_channels(self) -> int:
-        """Channels entering the patch embedding: latent, padding mask, view embedding."""
-        return self.in_channels + int(self.concat_padding_mask) + (self.view_condition_dim if self.concat_view_embedding else 0)
+        """Channels entering the patch embedding: latent, condition mask (Video2World), padding mask, view embedding."""
+        return self.in_channels + int(self.video2world) + int(self.concat_padding_mask) + (self.view_condition_dim if self.concat_view_embedding else 0)
 
     @property
     def pos_seq_len(self) -> int:
@@ -128,6 +132,9 @@ class DiTConfig:
     def replace(self, **changes: Any) -> "DiTConfig":
         return dataclasses.replace(self, **changes)
 
+
+# Upstream's net classes that add the condition-mask input channel (inference and training variants).
+VIDEO2WORLD_CLASSES = ("MultiviewVideoExtendGeneralDIT", "VideoExtendMultiviewGeneralDIT")
 
 # Upstream kwargs that do not change numerics here (layout / memory / parallelism switches) and the values we accept.
 _IGNORED_UPSTREAM = {
@@ -184,6 +191,10 @@ def from_upstream_kwargs(cfg: dict[str, Any], **options: Any) -> DiTConfig:
                               "multiview net does", stacklevel=2)
         else:
             unknown.append(key)
+    # Upstream tells the Video2World net apart by its class only (its in_channels kwarg stays 16; the class adds
+    # the mask channel), so the class name decides here too.
+    if str(cfg.get("_target_", "")).rsplit(".", 1)[-1] in VIDEO2WORLD_CLASSES:
+        kwargs["video2world"] = True
     if unknown:
         raise ValueError(f"upstream config has keys MultiviewDiT does not know: {sorted(unknown)}")
     bad_opts = set(options) - ours
@@ -215,6 +226,17 @@ def cosmos_7b_multiview_waymo(**overrides: Any) -> DiTConfig:
     return _build(base, overrides)
 
 
+def cosmos_7b_video2world_multiview_6view(**overrides: Any) -> DiTConfig:
+    """The released Cosmos-Predict1-7B-Video2World-Sample-AV-Multiview net: the 6-view Text2World net plus the
+    condition-mask input channel (upstream-more.md §2; the per-block sin-cos embedding is on, as there)."""
+    return _build(dict(camera_names=RELEASED_6VIEW_CAMERAS, video2world=True), overrides)
+
+
+def cosmos_7b_video2world_multiview_waymo(**overrides: Any) -> DiTConfig:
+    """The 5-view Video2World post-training net (``video2world_multiview_7b_example_waymo``)."""
+    return cosmos_7b_multiview_waymo(**{"video2world": True, **overrides})
+
+
 def small(**overrides: Any) -> DiTConfig:
     """A ~100M-parameter net for demos on one GPU: width 768, 12 blocks, head dim 64."""
     base = dict(model_channels=768, num_blocks=12, num_heads=12, adaln_lora_dim=64, crossattn_emb_channels=1024,
@@ -233,6 +255,8 @@ def tiny(**overrides: Any) -> DiTConfig:
 PRESETS = {
     "cosmos_7b_multiview_6view": cosmos_7b_multiview_6view,
     "cosmos_7b_multiview_waymo": cosmos_7b_multiview_waymo,
+    "cosmos_7b_video2world_multiview_6view": cosmos_7b_video2world_multiview_6view,
+    "cosmos_7b_video2world_multiview_waymo": cosmos_7b_video2world_multiview_waymo,
     "small": small,
     "tiny": tiny,
 }

@@ -1,7 +1,8 @@
 """``MultiviewDiT``: the Cosmos-Predict1 multi-view DiT (cosmos-multiview.md §4.2), state-dict compatible.
 
 forward(x [B, 16, V*T, H, W], timesteps [B], crossattn_emb [B, V*M, 1024], fps [B] | float | None,
-        padding_mask [B, 1, Hpx, Wpx] | None, frame_repeat [B, V] | None) -> [B, 16, V*T, H, W]
+        padding_mask [B, 1, Hpx, Wpx] | None, frame_repeat [B, V] | None,
+        condition_video_input_mask [B, 1, V*T, H, W] | None (Video2World nets only)) -> [B, 16, V*T, H, W]
 
 Views are concatenated along time, view-major. Tokens run B-major as [B, V*T'*H'*W', D] (upstream: THWBD); the
 parameters, their names and all numerics are upstream's. ``state_dict()`` keys equal the checkpoint's ``net.*``
@@ -149,11 +150,23 @@ class MultiviewDiT(nn.Module):
                              f"got {tuple(crossattn_emb.shape)}")
         return B, VT // V, H, W
 
-    def _input_channels(self, x: Tensor, padding_mask: Tensor | None, frame_repeat: Tensor | None) -> Tensor:
-        """Concatenate [latent | padding mask | view embedding] channels (§4.2 steps 1-2)."""
+    def _input_channels(self, x: Tensor, padding_mask: Tensor | None, frame_repeat: Tensor | None,
+                        cond_mask: Tensor | None = None) -> Tensor:
+        """Concatenate [latent | condition mask (Video2World) | padding mask | view embedding] channels (§4.2
+        steps 1-2); upstream's Video2World net appends the mask to x before the base net adds the others."""
         cfg = self.config
         B, _, VT, H, W = x.shape
         V, chans = cfg.n_views, [x]
+        if cfg.video2world:
+            if cond_mask is None:  # no condition frames: the mask of an unconditioned generation
+                cond_mask = x.new_zeros(B, 1, VT, H, W)
+            elif cond_mask.shape != (B, 1, VT, H, W):
+                raise ValueError(f"condition_video_input_mask must be [{B}, 1, {VT}, {H}, {W}], "
+                                 f"got {tuple(cond_mask.shape)}")
+            chans.append(cond_mask.to(x.dtype))
+        elif cond_mask is not None:
+            raise ValueError("condition_video_input_mask given to a Text2World net (DiTConfig.video2world=False): "
+                             "it has no condition-mask input channel")
         if cfg.concat_padding_mask:
             if padding_mask is None:
                 pm = x.new_zeros(B, 1, H, W)
@@ -185,7 +198,8 @@ class MultiviewDiT(nn.Module):
 
     def forward(self, x: Tensor, timesteps: Tensor, crossattn_emb: Tensor, fps: Tensor | float | None = None,
                 padding_mask: Tensor | None = None, frame_repeat: Tensor | None = None,
-                crossattn_mask: Tensor | None = None, **unused: Any) -> Tensor:
+                crossattn_mask: Tensor | None = None, condition_video_input_mask: Tensor | None = None,
+                **unused: Any) -> Tensor:
         """``crossattn_mask`` and upstream's other batch keys (image_size, num_frames, ...) are accepted and
         ignored, as upstream does with use_cross_attn_mask=False (padded text tokens are zeros, not masked)."""
         cfg = self.config
@@ -195,7 +209,8 @@ class MultiviewDiT(nn.Module):
         p, r, V = cfg.patch_spatial, cfg.patch_temporal, cfg.n_views
         Tp, Hp, Wp = T // r, H // p, W // p
 
-        tokens = self.x_embedder(self._input_channels(x, padding_mask, frame_repeat))  # [B, V*Tp, Hp, Wp, D]
+        tokens = self.x_embedder(self._input_channels(x, padding_mask, frame_repeat,
+                                                      condition_video_input_mask))  # [B, V*Tp, Hp, Wp, D]
         tokens = tokens.reshape(B, V * Tp * Hp * Wp, cfg.model_channels)
         angles = self.pos_embedder.angles(V, Tp, Hp, Wp, self._fps_value(fps), x.device)
         extra = None

@@ -36,6 +36,7 @@ import torch.distributed as dist
 from ..configs.base import Config
 from ..data import MultiviewDataset, build_dataloader
 from ..diffusion.conditioning import condition_from_batch, video_to_model_range
+from ..diffusion.video2world import training_condition
 from ..networks import MultiviewDiT, load_cosmos_checkpoint, preset
 from ..tokenizer import load_tokenizer
 from . import checkpoint as ckpt
@@ -559,7 +560,13 @@ class Trainer:
         B = x0.shape[0]
         sigma = torch.exp(cfg.model.p_mean + cfg.model.p_std * torch.randn(B, generator=gen, dtype=torch.float64))
         eps = torch.randn(x0.shape, generator=gen, dtype=torch.float32)
-        out = self.model(x0, cond, sigma.float().to(dev), eps.to(dev))
+        video = None
+        if self.model.net.config.video2world:  # condition frames drawn after sigma/eps: Text2World streams unchanged
+            m = cfg.model
+            video = training_condition(x0, self.model.net.config.n_views, max_condition_t=m.condition_frames_max,
+                                       p_mean=m.condition_augment_p_mean, p_std=m.condition_augment_p_std,
+                                       dropout=m.condition_dropout, generator=gen)
+        out = self.model(x0, cond, sigma.float().to(dev), eps.to(dev), video)
         loss = out["loss"]
         loss.backward()
         if self.lora and self.info.world_size > 1:

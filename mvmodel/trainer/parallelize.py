@@ -82,8 +82,8 @@ class TrainableDiffusion(DiffusionModel):
     forward(x0 [B, 16, V*T, H, W] float32, condition, sigma [B], epsilon like x0) -> ``edm_loss`` dict.
     """
 
-    def forward(self, x0, condition, sigma, epsilon):  # noqa: D102
-        return self.training_loss(x0, condition, sigma=sigma, epsilon=epsilon)
+    def forward(self, x0, condition, sigma, epsilon, video=None):  # noqa: D102
+        return self.training_loss(x0, condition, sigma=sigma, epsilon=epsilon, video=video)
 
 
 def _attention_ops() -> set:
