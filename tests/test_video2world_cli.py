@@ -117,7 +117,7 @@ def env(tmp_path_factory, inputs):
 
 def _args(env, out, *extra, model="v2w"):
     return ["--checkpoint_dir", str(env["ck"]), "--diffusion_transformer_dir", model, "--t5_dir", env["t5"],
-            "--num_steps", "2", "--no_progress", "--device", "cpu", "--video_save_folder", str(out),
+            "--disable_guardrail", "--num_steps", "2", "--no_progress", "--device", "cpu", "--video_save_folder", str(out),
             "--prompt", "A road.", *extra]
 
 
