@@ -38,11 +38,11 @@ def test_fitted_tokenizer_beats_dct_on_the_demo_drive(tmp_path):
     dct = SpaceToDepthTokenizer(pixel_chunk_duration=FRAMES)
     psnr_fitted, psnr_dct = reconstruction_psnr(fitted, ref, 5), reconstruction_psnr(dct, ref, 5)
     print(f"reference clip PSNR: fitted {psnr_fitted:.2f} dB, DCT {psnr_dct:.2f} dB")
-    assert psnr_fitted > psnr_dct + 2.0  # measured +2.8 dB (24.3 vs 21.4)
+    assert psnr_fitted > psnr_dct + 2.0  # measured +2.5 dB (23.9 vs 21.4)
     assert r["psnr"] == pytest.approx(psnr_fitted, abs=1e-3) and r["psnr_dct"] == pytest.approx(psnr_dct, abs=1e-3)
 
     # motion inside the groups: the DCT basis repeats one picture per group, the fitted one keeps most of the
-    # real frame-to-frame change in every camera (measured 0.61-0.99 of it)
+    # real frame-to-frame change in every camera (measured 0.57-0.95 of it)
     rec_fitted = fitted.decode_views(fitted.encode_views(ref, 5), 5)
     rec_dct = dct.decode_views(dct.encode_views(ref, 5), 5)
     real_motion = _in_group_motion(ref, 5)
