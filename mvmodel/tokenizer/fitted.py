@@ -137,8 +137,7 @@ def fit_patch_basis(clips: Iterable[Tensor] | list[Tensor], latent_noise: float 
     for name, shape in (("first", (3, P, P)), ("group", (3, TC, P, P))):
         comp, mean = _components(*acc[name])
         w[f"enc_{name}_weight"], w[f"enc_{name}_bias"] = comp.reshape(K, *shape), -(comp @ mean)
-    enc = _Encoder({k: v for k, v in w.items()})
-    enc.double()
+    enc = _Encoder(w).double()  # its buffers went through float32: the decoder is fitted to the shipped encoder
     # Decoder: normal equations of patch ~ [3x3 latent neighbourhood, 1] @ W, accumulated over the clips.
     normal = {"first": [0, 0], "group": [0, 0]}
     for x in clips:
