@@ -3,9 +3,10 @@
     python -m mvmodel.demo [--out outputs/demo] [--steps 800] [--device auto]
 
 1. writes a synthetic 5-camera driving dataset in upstream's layout (real H.264 mp4s, captions);
-2. builds a tiny T5 encoder offline and writes the T5 embedding pickles, as for a real dataset; exports the
-   built-in weight-free tokenizer in upstream's TorchScript layout (encoder.jit, decoder.jit, mean_std.pt) with
-   per-channel latent statistics measured on the dataset, so latents have unit variance as with the real one;
+2. builds a tiny T5 encoder offline and writes the T5 embedding pickles, as for a real dataset; fits a linear
+   8x8x8 tokenizer to the dataset (PCA of its patches, ``mvmodel.tokenizer.fitted``) and exports it in upstream's
+   TorchScript layout (encoder.jit, decoder.jit, mean_std.pt; the arrays also in basis.npz) with per-channel
+   latent statistics measured on the dataset, so latents have unit variance as with the real one;
 3. post-trains a small multi-view DiT through the same trainer as ``mvmodel.train`` (experiment
    ``text2world_multiview_demo``), writing checkpoints in upstream's layout;
 4. loads the EMA checkpoint into a fresh network and samples a 5-view video with the EDM Euler sampler and
@@ -13,8 +14,9 @@
 5. prints where everything is and the loss going down.
 
 Runs on the GPU when there is one, else on the CPU (about 5 minutes on 2 busy cores). The sample is 25 frames
-(2.5 s at 10 fps) per camera: 4 latent frames of the built-in tokenizer, which decodes each latent frame after the
-first as 8 equal frames, so the picture moves in 4 steps.
+(2.5 s at 10 fps) per camera: 4 latent frames (the first frame, then 3 groups of 8), each group decoded frame by
+frame by the fitted tokenizer, so the picture moves from frame to frame (the fixed DCT basis of the built-in
+tokenizer shows 8x8 blocks and one still picture per group).
 """
 from __future__ import annotations
 
@@ -60,15 +62,16 @@ def prepare_data(out: Path, clips: int, frames: int, size: tuple[int, int]) -> t
 
 
 def export_tokenizer(ds: Path, out: Path, num_frames: int, size: tuple[int, int]) -> Path:
-    """The built-in tokenizer as a TorchScript checkpoint folder whose mean_std.pt normalises its latents."""
+    """The dataset-fitted tokenizer as a TorchScript checkpoint folder whose mean_std.pt normalises its latents."""
     from .tokenizer.export import export_normalised_tokenizer
 
     tok_dir = out / "tokenizer"
     if (tok_dir / "mean_std.pt").is_file():
         return tok_dir
     r = export_normalised_tokenizer(ds, tok_dir, num_frames, size)
-    _log(f"tokenizer: built-in 8x8x8 space-to-depth exported to {tok_dir} (TorchScript, upstream layout), latent "
-         f"std per channel {r['std_min']:.3f}..{r['std_max']:.3f} (RMS {r['std']:.3f}), normalised")
+    _log(f"tokenizer: 8x8x8 PCA basis fitted to the dataset, exported to {tok_dir} (TorchScript, upstream layout; "
+         f"basis.npz), latent std per channel {r['std_min']:.3f}..{r['std_max']:.3f} (RMS {r['std']:.3f}), "
+         f"normalised; reconstruction PSNR {r['psnr']:.1f} dB (fixed DCT basis: {r['psnr_dct']:.1f} dB)")
     return tok_dir
 
 

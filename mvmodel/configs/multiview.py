@@ -135,7 +135,7 @@ def text2world_multiview_cpu_example() -> Config:
     """README's CPU walk-through: width 128, 4 blocks of 4 heads, 5 views x 25 frames at 64x96 (480 tokens).
 
     Learns the synthetic scene in a few minutes on 2 CPU cores (also under ``torchrun --nproc_per_node=2``,
-    gloo). Reads ``datasets/synthetic`` and the dataset-normalised built-in tokenizer written by
+    gloo). Reads ``datasets/synthetic`` and the tokenizer fitted to it and normalised on it by
     ``python -m mvmodel.tokenizer.export`` (the raw built-in one is not unit-variance: the sampler fails on it).
     """
     cfg = text2world_multiview_tiny_example()

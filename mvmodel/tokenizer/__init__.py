@@ -1,6 +1,8 @@
-"""Video tokenizers: upstream's TorchScript Cosmos-Tokenize1-CV8x8x8 loader and a weight-free built-in one."""
+"""Video tokenizers: upstream's TorchScript Cosmos-Tokenize1-CV8x8x8 loader, a weight-free built-in one and a linear
+one fitted to a dataset (what ``python -m mvmodel.tokenizer.export`` writes by default)."""
 from .base import VideoTokenizer
 from .builtin import SpaceToDepthTokenizer, space_to_depth_basis
+from .fitted import FittedTokenizer, reconstruction_psnr
 from .jit import REQUIRED_FILES, JITVideoTokenizer
 
 
@@ -13,5 +15,5 @@ def load_tokenizer(directory=None, **kwargs) -> VideoTokenizer:
     return JITVideoTokenizer.from_directory(directory, **kwargs)
 
 
-__all__ = ["JITVideoTokenizer", "REQUIRED_FILES", "SpaceToDepthTokenizer", "VideoTokenizer", "load_tokenizer",
-           "space_to_depth_basis"]
+__all__ = ["FittedTokenizer", "JITVideoTokenizer", "REQUIRED_FILES", "SpaceToDepthTokenizer", "VideoTokenizer",
+           "load_tokenizer", "reconstruction_psnr", "space_to_depth_basis"]

@@ -12,6 +12,9 @@ time. The diffusion model multiplies latents by sigma_data (0.5) after encoding;
 """
 from __future__ import annotations
 
+import os
+import warnings
+
 import torch
 from torch import Tensor, nn
 
@@ -53,6 +56,18 @@ class VideoTokenizer(nn.Module):
 
     def decode_chunk(self, z: Tensor) -> Tensor:  # [N, 16, Tl, h, w] -> [N, 3, Tc, 8h, 8w]
         raise NotImplementedError
+
+    def export_torchscript(self, directory: str | os.PathLike) -> None:
+        """Write ``encoder.jit``, ``decoder.jit`` (the subclass's ``encoder`` / ``decoder`` modules, scripted) and
+        ``mean_std.pt`` (a (mean, std) tuple of [16, latent frames]) in upstream's checkpoint layout."""
+        os.makedirs(directory, exist_ok=True)
+        with warnings.catch_warnings():  # TorchScript is deprecated, but it is upstream's file format
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.jit.script(self.encoder).save(os.path.join(directory, "encoder.jit"))
+            torch.jit.script(self.decoder).save(os.path.join(directory, "decoder.jit"))
+        mean = self.mean.reshape(self.latent_channels, -1).clone()
+        std = self.std.reshape(self.latent_channels, -1).clone()
+        torch.save((mean, std), os.path.join(directory, "mean_std.pt"))
 
     # ---- shapes
     def latent_num_frames(self, num_pixel_frames: int) -> int:

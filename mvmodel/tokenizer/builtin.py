@@ -7,14 +7,13 @@ the orthonormal 8x8 DCT-II, keeping the 10 lowest-frequency luma and 3 lowest of
 
 Exact properties (tested): ``encode(decode(z)) == z``; ``decode(encode(x)) == x`` for every clip in the span of
 the kept basis (e.g. piecewise-constant videos on the 8x8x8 grid); decode(encode(x)) is the orthogonal
-projection of x otherwise. ``export_torchscript`` writes ``encoder.jit``, ``decoder.jit`` and ``mean_std.pt`` in
-upstream's checkpoint format, so the TorchScript loader can be exercised without the real weights.
+projection of x otherwise. ``export_torchscript`` (the base class's) writes ``encoder.jit``, ``decoder.jit`` and
+``mean_std.pt`` in upstream's checkpoint format, so the TorchScript loader can be exercised without the real weights.
+``fitted.py`` replaces the fixed DCT basis by one fitted to a dataset (what the demo and the walk-through use).
 """
 from __future__ import annotations
 
 import math
-import os
-import warnings
 
 import torch
 from torch import Tensor, nn
@@ -90,14 +89,3 @@ class SpaceToDepthTokenizer(VideoTokenizer):
 
     def decode_chunk(self, z: Tensor) -> Tensor:
         return self.decoder(z)
-
-    def export_torchscript(self, directory: str | os.PathLike) -> None:
-        """Write ``encoder.jit``, ``decoder.jit`` and ``mean_std.pt`` (a (mean, std) tuple) in upstream's layout."""
-        os.makedirs(directory, exist_ok=True)
-        with warnings.catch_warnings():  # TorchScript is deprecated, but it is upstream's file format
-            warnings.simplefilter("ignore", DeprecationWarning)
-            torch.jit.script(self.encoder).save(os.path.join(directory, "encoder.jit"))
-            torch.jit.script(self.decoder).save(os.path.join(directory, "decoder.jit"))
-        mean = self.mean.reshape(self.latent_channels, -1).clone()
-        std = self.std.reshape(self.latent_channels, -1).clone()
-        torch.save((mean, std), os.path.join(directory, "mean_std.pt"))
