@@ -2,7 +2,7 @@
 
 Workload: the 7B's sampling attention, bf16 in, B=2 (CFG), 32 heads, head dim 128, forward only:
   S = 76,320 (6 views x 12,720: the sampling shape) and 12,720 tokens.
-Rows: ours dense; ours ring1 with 6 views (each view sees itself and its 2 ring neighbours: 1/2 of the work);
+Rows: ours dense (one V plane, and two: MVKERNELS_INT8_V_PLANES=2); ours ring1 with 6 views (each view sees itself and its 2 ring neighbours: 1/2 of the work);
 peers, each only when it imports and runs: FlashAttention-4 bf16 (``flash_attn.cute``), torch SDPA bf16 (cuDNN
 and flash backends), ``sageattention.sageattn`` 1.0.6 (Triton INT8 Q.K^T, FP16 P.V), cuDNN FP8 SDPA through the
 ``cudnn`` frontend graph API (per-tensor e4m3 Q, K, V; FP8 output on Hopper). A peer that fails prints why.
@@ -41,11 +41,20 @@ def _timer(fn, rep=10):
 # ----------------------------------------------------------------------------------------------------------
 # peers: each maker returns fn(q, k, v) -> out [B, S, H, D] (bf16 or float), or raises with the reason
 # ----------------------------------------------------------------------------------------------------------
-def _ours(connectivity="all", n_views=1):
+def _ours(connectivity="all", n_views=1, v_planes=1):
+    """Ours; v_planes=2 is the two-plane V (MVKERNELS_INT8_V_PLANES=2: one more FP8 dot per tile)."""
     from mvkernels.ops.mv_attention_int8 import mv_attention_int8
 
     def run(q, k, v, **kw):
-        return mv_attention_int8(q, k, v, n_views=n_views, connectivity=connectivity, **kw)
+        old = os.environ.get("MVKERNELS_INT8_V_PLANES")
+        os.environ["MVKERNELS_INT8_V_PLANES"] = str(v_planes)
+        try:
+            return mv_attention_int8(q, k, v, n_views=n_views, connectivity=connectivity, **kw)
+        finally:
+            if old is None:
+                os.environ.pop("MVKERNELS_INT8_V_PLANES")
+            else:
+                os.environ["MVKERNELS_INT8_V_PLANES"] = old
     return run
 
 
@@ -192,6 +201,8 @@ def time_size(S, peers, rep=10):
 
     ours = _ours()
     add("ours-int8", lambda: ours(q, k, v))
+    ours2 = _ours(v_planes=2)
+    add("ours-int8-2vplanes", lambda: ours2(q, k, v), note="V + e4m3 residual plane")
     ring = _ours("ring1", N_VIEWS)
     add(f"ours-int8-ring1-{N_VIEWS}views", lambda: ring(q, k, v), fl=flops * 3 / N_VIEWS, note="TOPS on work done")
     for name, p in peers.items():
@@ -228,6 +239,7 @@ def fidelity_rows(peers, cases=None):
             qn = _norm_rope(q, kw["q_norm_weight"], kw["rope_angles"], 1e-6)
             kn = _norm_rope(k, kw["k_norm_weight"], kw["rope_angles"], 1e-6)
         outs = {"ours-int8": lambda: _ours()(q, k, v, **kw),
+                "ours-int8-2vplanes": lambda: _ours(v_planes=2)(q, k, v, **kw),
                 "per-tensor-fp8-reference": lambda: per_tensor_fp8_attention_reference(q[sl], k[sl], v[sl], **kw,
                                                                                       out_dtype=torch.float32)}
         for name, p in peers.items():

@@ -188,3 +188,21 @@ def test_qk_e4m3_variant_matches_its_reference(monkeypatch):
                                       block_n=_block_n(), out_dtype=torch.float32)
     # fp8 Q.K^T accumulates at reduced precision in the tensor core (the reference sums exactly)
     assert (out.float() - ref).abs().max().item() <= 0.02 * ref.abs().max().item()
+
+
+@pytest.mark.parametrize("conn", ["all", "ring1"])
+def test_two_v_planes_meet_the_issued_gate(conn, monkeypatch):
+    """MVKERNELS_INT8_V_PLANES=2 (V + its e4m3 residual, one more FP8 dot per tile): the gate as issued, cosine >=
+    0.999 and rel L1 <= 0.03, on every case; and the kernel matches its reference."""
+    from mvkernels.ops.fidelity import GATE_REL_L1
+
+    monkeypatch.setenv("MVKERNELS_INT8_V_PLANES", "2")
+    for case in SUITE:
+        q, k, v, kw = make_case(case, 1, 2048, 4, 128, device="cuda", dtype=torch.bfloat16, seed=5)
+        attn = dict(n_views=4, connectivity=conn)
+        out = mv_attention_int8(q, k, v, **attn, **kw)
+        m = fidelity(out, _exact(q, k, v, kw, **attn))
+        assert m["cosine"] >= GATE_COSINE and m["rel_l1"] <= GATE_REL_L1, (case, m)
+        ref = mv_attention_int8_reference(q, k, v, **attn, **kw, pv_format="e4m3x2", block_n=_block_n(),
+                                          out_dtype=torch.float32)
+        assert (out.float() - ref).abs().max().item() <= 2.0 ** -5 * ref.abs().max().item(), case

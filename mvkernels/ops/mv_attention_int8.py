@@ -35,7 +35,7 @@ from .. import _backend
 from .mv_attention import _expanded_mask, connectivity_matrix
 
 __all__ = ["mv_attention_int8", "mv_attention_int8_reference", "per_tensor_fp8_attention_reference",
-           "quantize_reference", "available", "Availability", "Q_GROUP", "K_GROUP", "QK_FORMAT"]
+           "quantize_reference", "available", "Availability", "Q_GROUP", "K_GROUP", "QK_FORMAT", "V_PLANES"]
 
 LOG2E = 1.4426950408889634
 LOG2_448 = 8.807354922057604
@@ -48,18 +48,25 @@ _HEAD_DIMS = (64, 128)
 Q_GROUP = 1
 K_GROUP = 1
 QK_FORMAT = "int8"
+# V planes: 1 = V in e4m3 (SageAttention2's P.V); 2 = V + its e4m3 rounding residual as a second e4m3 plane, one
+# more FP8 dot per key tile (~1.5x the tensor-core work), which takes V's quantization error out of the result
+# (rel L1 ~0.026 instead of ~0.037 on random inputs: .notes/attention_int8.md). MVKERNELS_INT8_V_PLANES=1|2.
+V_PLANES = 1
 _GROUPS = (1, 16, 32, 64, 128)
 
 
-def _knobs() -> tuple[int, int, str]:
+def _knobs() -> tuple[int, int, str, int]:
     qg = int(os.environ.get("MVKERNELS_INT8_QGROUP", Q_GROUP))
     kg = int(os.environ.get("MVKERNELS_INT8_KGROUP", K_GROUP))
     fmt = os.environ.get("MVKERNELS_INT8_QK", QK_FORMAT).strip().lower()
+    vp = int(os.environ.get("MVKERNELS_INT8_V_PLANES", V_PLANES))
     if qg not in _GROUPS or kg not in _GROUPS:
         raise ValueError(f"{_NAME}: MVKERNELS_INT8_QGROUP/KGROUP must be one of {_GROUPS}, got {qg}, {kg}")
     if fmt not in ("int8", "e4m3"):
         raise ValueError(f"{_NAME}: MVKERNELS_INT8_QK must be int8 or e4m3, got {fmt!r}")
-    return qg, kg, fmt
+    if vp not in (1, 2):
+        raise ValueError(f"{_NAME}: MVKERNELS_INT8_V_PLANES must be 1 or 2, got {vp}")
+    return qg, kg, fmt, vp
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -181,7 +188,8 @@ def quantize_reference(q: Tensor, k: Tensor, v: Tensor, *, n_views: int = 1, sof
     """The pre-pass in PyTorch, unpadded [B, H, S, ...] layout. Codes are returned as float tensors holding the
     integer (int8) or e4m3 values: qi, ki [B, H, S, D]; v8 [B, H, Sk, D]. Scales: qs, ks [B, H, S] (absmax / 127
     or / 448; qs does NOT include softmax_scale * log2 e), vs [B, H, D] (absmax / 448); k_mean [B, H, D].
-    ``qk_format`` / ``pv_format`` "none" skip that quantization (codes = values, scales = 1)."""
+    ``qk_format`` / ``pv_format`` "none" skip that quantization (codes = values, scales = 1); ``pv_format``
+    "e4m3x2" returns v8 = e4m3 plane + e4m3(residual * 16) / 16 (the two-plane V of MVKERNELS_INT8_V_PLANES=2)."""
     ct = torch.float64 if q.dtype == torch.float64 else torch.float32
     qf = _norm_rope_f(q, q_norm_weight, rope_angles, eps, ct)
     kf = _norm_rope_f(k, k_norm_weight, rope_angles, eps, ct)
@@ -202,7 +210,11 @@ def quantize_reference(q: Tensor, k: Tensor, v: Tensor, *, n_views: int = 1, sof
     else:
         vabs = vf.abs().amax(2) + (vf * 0).sum(2)
         safe = torch.where(vabs > 0, vabs, torch.ones_like(vabs))
-        out["v8"] = (vf.float() * (448.0 / safe.float())[:, :, None, :]).to(torch.float8_e4m3fn).to(ct)
+        xv = vf.float() * (448.0 / safe.float())[:, :, None, :]
+        v8 = xv.to(torch.float8_e4m3fn).float()
+        if pv_format == "e4m3x2":
+            v8 = v8 + ((xv - v8) * 16.0).to(torch.float8_e4m3fn).float() * 0.0625
+        out["v8"] = v8.to(ct)
         out["vs"] = vabs / 448.0
     return out
 
@@ -217,7 +229,7 @@ def mv_attention_int8_reference(q: Tensor, k: Tensor, v: Tensor, *, n_views: int
     (default q's dtype). ``block_n`` = the kernel's key tile: the online softmax then visits the keys in the
     kernel's order (connected segments ascending, tiles of block_n) so P is quantized against the same running
     max; None = one pass over all connected keys (the global row max). Knobs (``qk_format`` int8|e4m3|none,
-    ``pv_format`` e4m3|none, ``smooth_k``, ``q_group``, ``k_group``) exist for the fidelity measurements."""
+    ``pv_format`` e4m3|e4m3x2|none, ``smooth_k``, ``q_group``, ``k_group``) exist for the fidelity measurements."""
     B, Sq, H, D = q.shape
     Sk = k.shape[1]
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(D)
@@ -254,7 +266,7 @@ def mv_attention_int8_reference(q: Tensor, k: Tensor, v: Tensor, *, n_views: int
             p = torch.exp2(xt * qs_i[..., None] - (m_new - LOG2_448)[..., None])
             alpha = torch.exp2(m - m_new)
             l = l * alpha + p.sum(-1)
-            if pv_format == "e4m3":
+            if pv_format in ("e4m3", "e4m3x2"):
                 p = p.float().to(torch.float8_e4m3fn).to(ct)
             acc = acc * alpha[..., None] + p @ ops["v8"][:, :, cols]
             m = m_new
@@ -302,7 +314,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, n_views: int, conn, scale: float, 
     """Pre-pass + attention kernel (no argument checks). Also runs on CPU tensors under TRITON_INTERPRET=1."""
     from . import mv_attention_int8_triton as tri  # noqa: PLC0415 - lazy: honours TRITON_INTERPRET
 
-    qg, kg, fmt = _knobs()
+    qg, kg, fmt, vp = _knobs()
     if _backend.triton_interpreting() and q.dtype != torch.float32:
         # numpy has no bf16: the interpreter runs the same kernels on fp32 copies (exact upcast)
         out = _forward(q.float(), k.float(), v.float(), n_views, conn, scale, rope_angles, q_norm_weight,
@@ -316,7 +328,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, n_views: int, conn, scale: float, 
     if out.numel() == 0:
         return out
     ops = tri.quantize(q, k, v, n_views, scale, rope_angles, q_norm_weight, k_norm_weight, eps,
-                       qk_fp8=fmt == "e4m3", q_group=qg, k_group=kg)
+                       qk_fp8=fmt == "e4m3", q_group=qg, k_group=kg, v_planes=vp)
     tri.attention(ops, out, n_views, tuple(conn), qk_fp8=fmt == "e4m3")
     if check_finite:
         _check_finite(ops)

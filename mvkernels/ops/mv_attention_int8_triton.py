@@ -169,12 +169,12 @@ def _kv_stats(K, V, KW, ANG, KSUM, VMAX,
 # 2. quantize q, k, v (reads each once; norm + RoPE fused)
 # ----------------------------------------------------------------------------------------------------------
 @triton.jit(do_not_specialize=["H", "Lq", "Lk", "Lq_pad", "Lk_pad"])
-def _quantize(Q, K, V, QW, KW, ANG, KMEAN, VINV, QO, QS, KO, KS, VT,
+def _quantize(Q, K, V, QW, KW, ANG, KMEAN, VINV, QO, QS, KO, KS, VT, VT2,
               sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sang,
               H, Lq, Lk, Lq_pad, Lk_pad, q_mult, eps,
               NV: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
               Q_GROUP: tl.constexpr, K_GROUP: tl.constexpr, NORM_Q: tl.constexpr, NORM_K: tl.constexpr,
-              ROPE: tl.constexpr, QK_FP8: tl.constexpr, EMULATE: tl.constexpr):
+              ROPE: tl.constexpr, QK_FP8: tl.constexpr, EMULATE: tl.constexpr, V_PLANES: tl.constexpr):
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -218,11 +218,14 @@ def _quantize(Q, K, V, QW, KW, ANG, KMEAN, VINV, QO, QS, KO, KS, VT,
         tl.store(KS + prow, amax / qk_max)
         v = tl.load(V + b * svb + h * svh + rows.to(tl.int64)[:, None] * svs + offs_d[None, :],
                     mask=ok[:, None], other=0.0).to(tl.float32)
-        v8 = _to_e4m3(v * tl.load(VINV + bh64 * HEAD_DIM + offs_d)[None, :], EMULATE)
+        xv = v * tl.load(VINV + bh64 * HEAD_DIM + offs_d)[None, :]
+        v8 = _to_e4m3(xv, EMULATE)
         # V^T [B*H, D, NV*Lk_pad]: keys contiguous (the K-major B operand of the FP8 P.V dot)
-        vt_ptrs = VT + bh64 * HEAD_DIM * (NV * Lk_pad) + offs_d[None, :].to(tl.int64) * (NV * Lk_pad) \
+        vt_off = bh64 * HEAD_DIM * (NV * Lk_pad) + offs_d[None, :].to(tl.int64) * (NV * Lk_pad) \
             + (seg * Lk_pad + t)[:, None]
-        tl.store(vt_ptrs, v8)
+        tl.store(VT + vt_off, v8)
+        if V_PLANES == 2:  # second plane: the e4m3 rounding residual x 16 (|residual| <= 16 at 448: fits)
+            tl.store(VT2 + vt_off, _to_e4m3((xv - v8.to(tl.float32)) * 16.0, EMULATE))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -249,9 +252,9 @@ _FWD_CONFIGS = _cfgs(_FWD_ROWS)
 
 
 @triton.jit
-def _fwd_range(acc, m_i, l_i, q, qs, K_bh, KS_bh, VT_bh, s_vt, n_lo, n_hi, n_end, offs_d,
+def _fwd_range(acc, m_i, l_i, q, qs, K_bh, KS_bh, VT_bh, VT2_bh, s_vt, n_lo, n_hi, n_end, offs_d,
                HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr, QK_FP8: tl.constexpr,
-               EMULATE: tl.constexpr, I2F_MAGIC: tl.constexpr):
+               EMULATE: tl.constexpr, I2F_MAGIC: tl.constexpr, V_PLANES: tl.constexpr):
     """Online softmax over padded key rows [n_lo, n_hi) in BLOCK_N steps; MASK drops keys >= n_end."""
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(n_lo, n_hi, BLOCK_N):
@@ -262,7 +265,10 @@ def _fwd_range(acc, m_i, l_i, q, qs, K_bh, KS_bh, VT_bh, s_vt, n_lo, n_hi, n_end
         # seen in the sm_90 TTGIR of triton 3.9)
         kt = tl.load(K_bh + cols.to(tl.int64)[None, :] * HEAD_DIM + offs_d[:, None])
         ks = tl.load(KS_bh + cols)
-        v = tl.load(VT_bh + offs_d.to(tl.int64)[None, :] * s_vt + cols[:, None])  # [BLOCK_N, D], keys contiguous
+        v_off = offs_d.to(tl.int64)[None, :] * s_vt + cols[:, None]
+        v = tl.load(VT_bh + v_off)  # [BLOCK_N, D], keys contiguous
+        if V_PLANES == 2:
+            v2 = tl.load(VT2_bh + v_off)
         if QK_FP8:
             x = tl.dot(q, kt)
         else:
@@ -278,18 +284,22 @@ def _fwd_range(acc, m_i, l_i, q, qs, K_bh, KS_bh, VT_bh, s_vt, n_lo, n_hi, n_end
         p = tl.math.exp2(x * qs[:, None] - (m_new - _LOG2_448)[:, None])  # in [0, 448]
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + _rowsum(p)
-        pv = tl.dot(_to_e4m3(p, EMULATE), v)  # fresh fp32 result for this key tile only
+        p8 = _to_e4m3(p, EMULATE)
+        if V_PLANES == 2:  # residual plane first (x 1/16, exact), then the main plane on top: still one tile
+            pv = tl.dot(p8, v, tl.dot(p8, v2) * 0.0625)
+        else:
+            pv = tl.dot(p8, v)  # fresh fp32 result for this key tile only
         acc = acc * alpha[:, None] + pv                    # promoted into the fp32 accumulator
         m_i = m_new
     return acc, m_i, l_i
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=["HEAD_DIM", "NV", "QK_FP8", "LK_BUCKET"])
+@triton.autotune(configs=_FWD_CONFIGS, key=["HEAD_DIM", "NV", "QK_FP8", "V_PLANES", "LK_BUCKET"])
 @triton.jit(do_not_specialize=["H", "Sq", "Lq", "Lk", "Lq_pad", "Lk_pad", "LK_BUCKET"])
-def _attn_fwd(QI, QS, KI, KS, VT, VS, O, CONN,
+def _attn_fwd(QI, QS, KI, KS, VT, VT2, VS, O, CONN,
               sob, sos, soh, s_vt, H, Sq, Lq, Lk, Lq_pad, Lk_pad, LK_BUCKET,
               NV: tl.constexpr, HEAD_DIM: tl.constexpr, QK_FP8: tl.constexpr, EMULATE: tl.constexpr,
-              I2F_MAGIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+              I2F_MAGIC: tl.constexpr, V_PLANES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     bh64 = bh.to(tl.int64)
@@ -309,6 +319,7 @@ def _attn_fwd(QI, QS, KI, KS, VT, VS, O, CONN,
     # s_vt = NV * Lk_pad (a multiple of 128) comes as its own, specialized argument: Triton then knows the V^T rows
     # are 16-byte aligned and pipelines the V tiles with cp.async (a computed stride kept them synchronous)
     VT_bh = VT + bh64 * HEAD_DIM * s_vt
+    VT2_bh = VT2 + bh64 * HEAD_DIM * s_vt
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.full([BLOCK_M], 0.0, tl.float32)
@@ -317,12 +328,13 @@ def _attn_fwd(QI, QS, KI, KS, VT, VS, O, CONN,
     row = CONN + seg * (NV + 1)
     for c in range(tl.load(row)):
         k_lo = tl.multiple_of(tl.load(row + 1 + c) * Lk_pad, 128)
-        acc, m_i, l_i = _fwd_range(acc, m_i, l_i, q, qs, K_bh, KS_bh, VT_bh, s_vt, k_lo, k_lo + n_full,
-                                   k_lo + Lk, offs_d, HEAD_DIM, BLOCK_N, False, QK_FP8, EMULATE, I2F_MAGIC)
+        acc, m_i, l_i = _fwd_range(acc, m_i, l_i, q, qs, K_bh, KS_bh, VT_bh, VT2_bh, s_vt, k_lo, k_lo + n_full,
+                                   k_lo + Lk, offs_d, HEAD_DIM, BLOCK_N, False, QK_FP8, EMULATE, I2F_MAGIC,
+                                   V_PLANES)
         if n_full < Lk:
-            acc, m_i, l_i = _fwd_range(acc, m_i, l_i, q, qs, K_bh, KS_bh, VT_bh, s_vt, k_lo + n_full,
+            acc, m_i, l_i = _fwd_range(acc, m_i, l_i, q, qs, K_bh, KS_bh, VT_bh, VT2_bh, s_vt, k_lo + n_full,
                                        k_lo + n_full + BLOCK_N, k_lo + Lk, offs_d, HEAD_DIM, BLOCK_N, True,
-                                       QK_FP8, EMULATE, I2F_MAGIC)
+                                       QK_FP8, EMULATE, I2F_MAGIC, V_PLANES)
     vs = tl.load(VS + bh64 * HEAD_DIM + offs_d)  # absmax_v / 448 per channel
     out = acc * vs[None, :] / l_i[:, None]
     b = (bh // H).to(tl.int64)
@@ -345,7 +357,7 @@ def _lk_bucket(lk: int) -> int:
 
 
 def quantize(q, k, v, n_views: int, scale: float, rope_angles, q_norm_weight, k_norm_weight, eps: float, *,
-             qk_fp8: bool = False, q_group: int = 1, k_group: int = 1):
+             qk_fp8: bool = False, q_group: int = 1, k_group: int = 1, v_planes: int = 1):
     """Run the stats and quantize kernels. Returns a dict of the operands the attention kernel reads:
     qi [B, H, NV*Lq_pad, D] int8 (e4m3 with qk_fp8), qs [B, H, NV*Lq_pad] fp32 (x softmax_scale * log2 e),
     ki, ks likewise for K - k_mean, vt [B, H, D, NV*Lk_pad] e4m3, vs [B, H, D] fp32 (absmax / 448),
@@ -384,16 +396,17 @@ def quantize(q, k, v, n_views: int, scale: float, rope_angles, q_norm_weight, k_
     qi = torch.empty((B, H, n_views * Lq_pad, D), dtype=qk_dtype, device=dev)
     ki = torch.empty((B, H, n_views * Lk_pad, D), dtype=qk_dtype, device=dev)
     vt = torch.empty((B, H, D, n_views * Lk_pad), dtype=torch.float8_e4m3fn, device=dev)
+    vt2 = torch.empty_like(vt) if v_planes == 2 else vt
     blk = 32 if _INTERPRET else 64
     blk = max(blk, q_group, k_group)
     grid = (n_views * max(Lq_pad, Lk_pad) // blk, B * H)
-    _quantize[grid](q, k, v, qw, kw, ang, k_mean, vinv, qi, qs, ki, ks, vt,
+    _quantize[grid](q, k, v, qw, kw, ang, k_mean, vinv, qi, qs, ki, ks, vt, vt2,
                     *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], sang,
                     H, Lq, Lk, Lq_pad, Lk_pad, float(scale * LOG2E), float(eps),
                     NV=n_views, HEAD_DIM=D, BLOCK=blk, Q_GROUP=q_group, K_GROUP=k_group, NORM_Q=norm_q,
-                    NORM_K=norm_k, ROPE=rope, QK_FP8=qk_fp8, EMULATE=_INTERPRET, num_warps=4)
-    return dict(qi=qi, qs=qs, ki=ki, ks=ks, vt=vt, vs=vs, k_mean=k_mean, scales=scales,
-                Lq=Lq, Lk=Lk, Lq_pad=Lq_pad, Lk_pad=Lk_pad)
+                    NORM_K=norm_k, ROPE=rope, QK_FP8=qk_fp8, EMULATE=_INTERPRET, V_PLANES=v_planes, num_warps=4)
+    return dict(qi=qi, qs=qs, ki=ki, ks=ks, vt=vt, vt2=vt2, vs=vs, k_mean=k_mean, scales=scales,
+                Lq=Lq, Lk=Lk, Lq_pad=Lq_pad, Lk_pad=Lk_pad, v_planes=v_planes)
 
 
 def attention(ops: dict, out: torch.Tensor, n_views: int, conn: tuple[int, ...], qk_fp8: bool = False,
@@ -410,9 +423,10 @@ def attention(ops: dict, out: torch.Tensor, n_views: int, conn: tuple[int, ...],
     def grid(meta):
         return (n_views * triton.cdiv(Lq, meta["BLOCK_M"]), B * H)
 
-    _attn_fwd[grid](ops["qi"], ops["qs"], ops["ki"], ops["ks"], ops["vt"], ops["vs"], out, rows,
+    _attn_fwd[grid](ops["qi"], ops["qs"], ops["ki"], ops["ks"], ops["vt"], ops["vt2"], ops["vs"], out, rows,
                     out.stride(0), out.stride(1), out.stride(2), n_views * Lk_pad, H, Sq, Lq, Lk, Lq_pad, Lk_pad, _lk_bucket(Lk),
-                    NV=n_views, HEAD_DIM=D, QK_FP8=qk_fp8, EMULATE=_INTERPRET, I2F_MAGIC=bool(i2f_magic))
+                    NV=n_views, HEAD_DIM=D, QK_FP8=qk_fp8, EMULATE=_INTERPRET, I2F_MAGIC=bool(i2f_magic),
+                    V_PLANES=ops["v_planes"])
     return out
 
 
