@@ -122,15 +122,9 @@ def int8_attention_status(device: torch.device) -> tuple[bool, str]:
     if major != 9:
         name = torch.cuda.get_device_name(device)
         return False, f"8-bit attention needs a Hopper GPU (sm_90), {name} is sm_{major}{minor}"
-    avail = getattr(mod, "available", None)
-    if avail is not None:
-        try:
-            res = avail()
-        except TypeError:  # a variant that asks which device
-            res = avail(device)
-        ok, why = res if isinstance(res, tuple) else (bool(res), "its kernel is not built")
-        if not ok:
-            return False, f"mv_attention_int8 cannot run: {why}"
+    res = mod.available(device)  # truthy, or falsy with the reason
+    if not res:
+        return False, f"mv_attention_int8 cannot run: {res.reason}"
     return True, ""
 
 
