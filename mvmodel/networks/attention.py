@@ -191,13 +191,14 @@ def _can_run(backend: str, q: Tensor, use_rope: bool, connectivity: Any) -> bool
 def choose_auto(q: Tensor, self_attn: bool, use_rope: bool, connectivity: Any, eight_bit: bool = False) -> str:
     """The backend "auto" runs for these inputs: the measured table's first runnable entry, else the defaults.
     ``eight_bit``: the precision asks for 8-bit attention (the "/8bit" rows, "int8" when not measured)."""
-    if q.device.type == "cuda":
-        index = q.device.index if q.device.index is not None else torch.cuda.current_device()
-        case = auto_case(self_attn, connectivity, torch.is_grad_enabled())
-        if eight_bit:
-            for name in filter(None, (_measured_order(index, case + "/8bit") or "int8").split(",")):
-                if _can_run(name, q, use_rope, connectivity):
-                    return name
+    cuda = q.device.type == "cuda"
+    index = (q.device.index if q.device.index is not None else torch.cuda.current_device()) if cuda else -1
+    case = auto_case(self_attn, connectivity, torch.is_grad_enabled())
+    if eight_bit:  # the kernel itself says which devices it serves (_can_run)
+        for name in filter(None, ((_measured_order(index, case + "/8bit") if cuda else "") or "int8").split(",")):
+            if _can_run(name, q, use_rope, connectivity):
+                return name
+    if cuda:
         order = _measured_order(index, case)
         for name in filter(None, order.split(",")):
             if _can_run(name, q, use_rope, connectivity):
