@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..device import resolve_device
 from .model_dir import RELEASED_NAME, SLOT_ARGS, INFERENCE_DEFAULTS, resolve_model
 from .video_io import check_save_name
 
@@ -182,7 +183,7 @@ def setup_gpus(args) -> tuple[object | None, bool]:
 
 def run(argv: list[str] | None = None) -> list[dict[str, Path]]:
     """Parse, generate and save; returns the written paths per video. Raises ValueError / OSError (user errors)."""
-    from .pipeline import MultiviewGenerationPipeline, check_video_size, resolve_device
+    from .pipeline import MultiviewGenerationPipeline, check_video_size
     from .video_io import save_outputs
 
     args = build_parser().parse_args(argv)

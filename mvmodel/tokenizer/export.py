@@ -65,6 +65,8 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     if a.num_frames < 1 or (a.num_frames - 1) % 8:
         ap.error(f"--num_frames {a.num_frames}: expected 1 + a multiple of 8 (9, 17, 25, ..., 57)")
+    if a.samples < 1:
+        ap.error(f"--samples {a.samples}: expected a count >= 1")
     if not (Path(a.dataset_path) / "videos").is_dir():
         ap.error(f"--dataset_path {a.dataset_path}: no videos/ folder (expected videos/<view>/<clip>.mp4)")
     try:
@@ -72,8 +74,8 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, FileNotFoundError) as exc:
         sys.exit(f"mvmodel.tokenizer.export: error: {exc}")
     print(f"built-in tokenizer -> {a.out} (encoder.jit, decoder.jit, mean_std.pt); latent std per channel "
-          f"{r['std_min']:.3f}..{r['std_max']:.3f} measured on {r['clips']} clips, each divided by sqrt(its std x "
-          f"their RMS {r['std']:.3f})")
+          f"{r['std_min']:.3f}..{r['std_max']:.3f} measured on {r['clips']} windows of {a.num_frames} frames (a clip "
+          f"gives several), each divided by sqrt(its std x their RMS {r['std']:.3f})")
 
 
 if __name__ == "__main__":
