@@ -95,7 +95,7 @@ class SpaceToDepthTokenizer(VideoTokenizer):
         """Write ``encoder.jit``, ``decoder.jit`` and ``mean_std.pt`` (a (mean, std) tuple) in upstream's layout."""
         os.makedirs(directory, exist_ok=True)
         with warnings.catch_warnings():  # TorchScript is deprecated, but it is upstream's file format
-            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.filterwarnings("ignore", message=r".*torch\.jit")  # Deprecation- or FutureWarning by release
             torch.jit.script(self.encoder).save(os.path.join(directory, "encoder.jit"))
             torch.jit.script(self.decoder).save(os.path.join(directory, "decoder.jit"))
         mean = self.mean.reshape(self.latent_channels, -1).clone()
