@@ -9,16 +9,19 @@ def resolve_device(name: str | torch.device | None, arg: str = "--device") -> to
     sees. Raises ValueError naming ``arg`` and what is expected."""
     if name is None or name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # As the user wrote it: "--device cuda" for a flag, "trainer.device=cuda" for a config key.
+    given = f"{arg} {name}" if arg.startswith("-") else f"{arg}={name}"
+    use_cpu = f"{arg} cpu" if arg.startswith("-") else f"{arg}=cpu"
     try:
         dev = torch.device(name)
     except (RuntimeError, ValueError):
-        raise ValueError(f"{arg} {name!r}: not a device; expected auto, cpu, cuda or cuda:N") from None
+        raise ValueError(f"{given}: not a device; expected auto, cpu, cuda or cuda:N") from None
     if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"{arg} {name}: only cpu and cuda are supported")
+        raise ValueError(f"{given}: only cpu and cuda are supported")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"{arg} {name}: no CUDA GPU is visible to PyTorch (torch.cuda.is_available() is "
-                             f"False); use {arg} cpu or run on a GPU machine")
+            raise ValueError(f"{given}: no CUDA GPU is visible to PyTorch (torch.cuda.is_available() is False); "
+                             f"use {use_cpu} or run on a GPU machine")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"{arg} {name}: only {torch.cuda.device_count()} GPU(s) visible")
+            raise ValueError(f"{given}: only {torch.cuda.device_count()} GPU(s) visible")
     return dev

@@ -28,6 +28,7 @@ import os
 import sys
 
 from .configs import make_config, parse_cli
+from .device import resolve_device
 from .trainer.preflight import preflight
 
 def _help(argv: list[str]) -> str:
@@ -90,6 +91,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         if dryrun:
             print(json.dumps(cfg.to_dict(), indent=2, default=str))
             return None
+        # A wrong device is one line before anything is read or built (as every CLI's --device).
+        resolve_device(cfg.trainer.device, "trainer.device")
         done = finished_note(cfg)
         if done:  # success, as a build tool re-run on a built target: scripts that re-run the command go on
             if is_main:
