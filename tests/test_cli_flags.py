@@ -143,8 +143,9 @@ def _run(*argv: str, cwd: Path) -> tuple[subprocess.CompletedProcess, float]:
     (["mvmodel.inference.text2world_multiview", "--device", "cuda", "--prompt", "x", "--video_save_folder", "work"],
      "--device cuda"),
     (["mvmodel.data.t5_embeddings", "--device", "cuda", "--dataset_path", "work"], "--device cuda"),
-    (["mvmodel.train", f"--config={ROOT}/mvmodel/configs/multiview.py", "--", "experiment=text2world_multiview_cpu_example",
-      "trainer.device=cuda", "job.output_root=work"], "trainer.device=cuda"),
+    (["mvmodel.train", f"--config={ROOT}/mvmodel/configs/multiview.py", "--",
+      "experiment=text2world_multiview_cpu_example", "trainer.device=cuda", "job.output_root=work"],
+     "trainer.device=cuda"),
 ], ids=["demo", "text2world_multiview", "t5_embeddings", "train"])
 def test_wrong_device_is_one_line_before_any_work(tmp_path, argv, named):
     r, seconds = _run(*argv, cwd=tmp_path)
