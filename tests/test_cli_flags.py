@@ -162,3 +162,29 @@ def test_model_dir_runs_as_a_module_without_runpy_warning(tmp_path):
                 cwd=tmp_path)
     assert r.returncode == 2 and "RuntimeWarning" not in r.stderr, r.stderr
     assert r.stderr.startswith("python -m mvmodel.inference.model_dir: error: --job"), r.stderr
+
+
+@pytest.mark.parametrize("category", [DeprecationWarning, FutureWarning])
+def test_torchscript_deprecation_is_not_shown(tmp_path, monkeypatch, category):
+    """Upstream's tokenizer files are TorchScript, deprecated in torch: some releases warn with a
+    DeprecationWarning, others with a FutureWarning (shown in every command). Both stay hidden around our
+    TorchScript calls, whatever the category; other warnings still show."""
+    import warnings
+
+    from mvmodel.tokenizer import SpaceToDepthTokenizer, load_tokenizer
+
+    real_load = torch.jit.load
+
+    def load_as_that_release(*a, **k):  # the message torch's jit.load gives, in the category under test
+        warnings.warn("`torch.jit.load` is deprecated. Please switch to `torch.export`.", category, stacklevel=2)
+        warnings.warn("an unrelated warning", UserWarning, stacklevel=2)
+        return real_load(*a, **k)
+
+    monkeypatch.setattr(torch.jit, "load", load_as_that_release)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        SpaceToDepthTokenizer(pixel_chunk_duration=9).export_torchscript(tmp_path)
+        load_tokenizer(str(tmp_path), pixel_chunk_duration=9, device="cpu", dtype=torch.float32)
+    shown = [str(w.message) for w in seen]
+    assert not [m for m in shown if "torch.jit" in m], shown
+    assert "an unrelated warning" in shown
