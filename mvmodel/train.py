@@ -59,7 +59,9 @@ def finished_note(cfg) -> str | None:
     c, max_iter = cfg.checkpoint, cfg.trainer.max_iter
     if not c.resume or c.overwrite:  # a new run: the trainer refuses or moves the old files aside
         return None
-    cp = Checkpointer(cfg.job.path_local / "checkpoints")
+    # A reader only (rank != 0): the writer's constructor deletes stray temporary files, which may belong to a run
+    # still saving in this folder (the trainer's lock, not this check, refuses a second launch).
+    cp = Checkpointer(cfg.job.path_local / "checkpoints", rank=1)
     try:
         n = cp.pointer()
     except CheckpointError:
