@@ -48,5 +48,14 @@ def build_info() -> dict:
 def check_import() -> None:
     if _C is None:
         _warn_once(f"mvkernels: compiled extension missing ({_import_error}); csrc kernels unavailable")
-    elif not has_cuda():
-        _warn_once("mvkernels: extension built without CUDA kernels (CPU path only)")
+    elif not has_cuda() and _gpu_visible():
+        # Only where it costs speed: a CPU-only build (no nvcc, or MVWORLD_SKIP_CUDA=1) on a machine without a GPU
+        # is the intended install, and a warning there would be noise in every command's output.
+        _warn_once("mvkernels: extension built without CUDA kernels (CPU path only) on a machine with a CUDA GPU; "
+                   "reinstall with nvcc on PATH to build them")
+
+
+def _gpu_visible() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .device import resolve_device
+
 # 25 frames per camera = 4 latent frames (the tokenizer's causal 1 + 8 + 8 + 8 grouping): 2.5 s at 10 fps. One
 # 4-second drive (16 windows): the small net learns one scene in 300 steps; with 2-4 clips its samples stay blotchy.
 FRAMES, CLIP_FRAMES, CLIPS, SIZE = 25, 40, 1, (64, 96)
@@ -181,6 +183,12 @@ def main(argv: list[str] | None = None) -> dict:
     a = ap.parse_args(argv)
     if a.steps < 1:
         ap.error(f"--steps must be >= 1, got {a.steps}")
+    if a.device not in ("auto", "cpu", "cuda"):  # the trainer's trainer.device values
+        ap.exit(2, f"{ap.prog}: error: --device {a.device!r}: expected auto, cpu or cuda\n")
+    try:  # before any data is built: a wrong device is one line, as in mvmodel.train
+        resolve_device(a.device)
+    except ValueError as exc:
+        ap.exit(2, f"{ap.prog}: error: {exc}\n")
     if a.device == "cpu" or (a.device == "auto" and not torch.cuda.is_available()):
         # The demo net's ops are too small to gain from intra-op threads, and threads fighting other processes for
         # the cores cost a lot: measured on a loaded 2-core box, 0.7 s/step with 1 thread vs 2.1 s with 2.

@@ -29,6 +29,7 @@ import os
 import sys
 
 from .configs import make_config, parse_cli
+from .device import resolve_device
 from .trainer.preflight import preflight
 
 def _help(argv: list[str]) -> str:
@@ -49,6 +50,34 @@ def _help(argv: list[str]) -> str:
     return text
 
 
+def finished_note(cfg) -> str | None:
+    """The one line to print when the job this command would resume already reached ``trainer.max_iter`` (a
+    re-run of a finished command), else None. Decided from the checkpoint folder alone, before the dataset,
+    net or processes are touched. Only a committed set counts (its manifest's sizes match; the full sha256 check
+    stays with the resume, which falls back to an older set when this one is damaged: then there is work)."""
+    from .trainer.checkpoint import Checkpointer, CheckpointError
+
+    c, max_iter = cfg.checkpoint, cfg.trainer.max_iter
+    if not c.resume or c.overwrite:  # a new run: the trainer refuses or moves the old files aside
+        return None
+    # A reader only (rank != 0): the writer's constructor deletes stray temporary files, which may belong to a run
+    # still saving in this folder (the trainer's lock, not this check, refuses a second launch).
+    cp = Checkpointer(cfg.job.path_local / "checkpoints", rank=1)
+    try:
+        n = cp.pointer()
+    except CheckpointError:
+        return None  # a broken pointer: the trainer's resume reports it
+    if n is None or n < max_iter:
+        return None
+    intact = cp.verify(n, checksums=False) is None if n in cp.manifests() else cp.verify_legacy(n)
+    if not intact:
+        return None
+    rel = "=" if n == max_iter else ">="
+    return (f"nothing to do: job {cfg.job.name} already at iteration {n} {rel} trainer.max_iter={max_iter} "
+            f"({cp.dir}); to train on: trainer.max_iter=M (M > {n}); to start over: checkpoint.overwrite=true or "
+            f"another job.name")
+
+
 def main(argv: list[str] | None = None) -> dict | None:
     args = list(sys.argv[1:] if argv is None else argv)
     if "-h" in args or "--help" in args:
@@ -64,6 +93,13 @@ def main(argv: list[str] | None = None) -> dict | None:
         cfg = make_config(config_file, experiment, overrides)
         if dryrun:
             print(json.dumps(cfg.to_dict(), indent=2, default=str))
+            return None
+        # A wrong device is one line before anything is read or built (as every CLI's --device).
+        resolve_device(cfg.trainer.device, "trainer.device")
+        done = finished_note(cfg)
+        if done:  # success, as a build tool re-run on a built target: scripts that re-run the command go on
+            if is_main:
+                print(f"mvmodel.train: {done}", flush=True)
             return None
         if check:
             from .trainer.checkpoint import Checkpointer

@@ -107,7 +107,7 @@ def _attention_worker(rank: int, world: int, port: int) -> None:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])  # 4 processes: slow on 2 cores
 def test_attention_op_matches_single_process(world):
     _spawn(_attention_worker, world)
 
@@ -152,7 +152,7 @@ def _dit_worker(rank: int, world: int, port: int) -> None:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])  # 4 processes: slow on 2 cores
 def test_tiny_dit_matches_single_process(world):
     _spawn(_dit_worker, world)
 
@@ -189,6 +189,7 @@ def dataset(tmp_path_factory) -> Path:
     return tiny_dataset(tmp_path_factory.getbasetemp() / "train_tiny_data")
 
 
+@pytest.mark.slow  # trainers in several processes: out of the quick command
 def test_trainer_cp2_matches_single_process(dataset, tmp_path):
     from test_train_loop import run_tiny
 
@@ -206,6 +207,7 @@ def test_trainer_cp2_matches_single_process(dataset, tmp_path):
     assert cfg["parallel"]["context_parallel_size"] == 2
 
 
+@pytest.mark.slow  # trainers in several processes: out of the quick command
 def test_trainer_dp2_cp2_matches_dp2(dataset, tmp_path):
     """The 2-D mesh: 4 processes as 2 data-parallel replicas x 2 context-parallel ranks train exactly as 2 plain
     data-parallel processes (same samples per replica, same noise, same averaged gradients)."""

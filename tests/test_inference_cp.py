@@ -29,6 +29,7 @@ def _generate(env, out: Path, procs: int) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, env=pyenv, cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow  # torchrun, 2 processes: out of the quick command (-m 'not slow')
 def test_two_process_generation_matches_one(env, tmp_path):
     one = _generate(env, tmp_path / "one", 1)
     assert one.returncode == 0, (one.stdout + one.stderr)[-4000:]

@@ -82,7 +82,7 @@ def _main(capsys, argv):
     (["--video_save_name", "/tmp/abs"], r"--video_save_name '/tmp/abs': must be a plain file name"),
     (["--video_save_name", ".."], r"--video_save_name '..': must be a plain file name"),
     (["--video_save_name", ""], r"--video_save_name '': must be a plain file name"),
-    (["--device", "gpu"], r"--device 'gpu': not a device; expected cpu, cuda or cuda:N"),
+    (["--device", "gpu"], r"--device gpu: not a device; expected auto, cpu, cuda or cuda:N"),
 ])
 def test_bad_options_one_line_exit_2(env, tmp_path, capsys, extra, expect):
     line = _main(capsys, _args(env, tmp_path / "out", "good", *extra))

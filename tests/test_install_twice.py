@@ -38,6 +38,7 @@ def _build_env(folder: Path) -> tuple[str, str]:
     return str(ninja), str(pb / "share" / "cmake" / "pybind11")
 
 
+@pytest.mark.slow  # two CMake configures and a build: out of the quick command (-m 'not slow')
 def test_reconfigure_after_the_build_environment_vanished(tmp_path):
     setup = _setup_module()
     build = tmp_path / "build" / "cmake"

@@ -10,6 +10,7 @@ from mvmodel import demo
 from mvmodel.trainer.checkpoint import iter_name
 
 
+@pytest.mark.slow  # the demo end to end: out of the quick command (-m 'not slow')
 def test_demo_end_to_end(tmp_path, capsys):
     res = demo.main(["--out", str(tmp_path), "--steps", "4", "--sample_steps", "3", "--device", "cpu"])
     printed = capsys.readouterr().out

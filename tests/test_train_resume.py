@@ -78,6 +78,7 @@ def check_after_kill(ckdir: Path, where: str) -> int:
     return n
 
 
+@pytest.mark.slow  # three training processes, one killed: out of the quick command (-m 'not slow')
 def test_kill_during_saves_and_resume_reproduces_losses(dataset, tmp_path):
     seed = int(time.time())
     rng = random.Random(seed)

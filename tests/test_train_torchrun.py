@@ -37,6 +37,7 @@ def torchrun(dataset: Path, out: Path, max_iter: int) -> subprocess.CompletedPro
     return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=180)
 
 
+@pytest.mark.slow  # torchrun, 2 processes: out of the quick command (-m 'not slow')
 def test_two_process_fsdp_training(dataset, tmp_path):
     res = torchrun(dataset, tmp_path, 3)
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]

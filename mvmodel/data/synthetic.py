@@ -229,7 +229,7 @@ def _parse_size(text: str) -> tuple[int, int]:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m mvmodel.data.synthetic", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="dataset root to create")
     ap.add_argument("--views", type=int, default=5)
     ap.add_argument("--clips", type=int, default=2)
@@ -239,6 +239,14 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=1, help="parallel processes (large sizes)")
     a = ap.parse_args(argv)
+    # Checked before any file is written: one line naming the argument, not a traceback from the encoder.
+    bad = next((f"--{k} {v}: expected {want}" for k, v, ok, want in (
+        ("views", a.views, 1 <= a.views <= 8, "1 to 8 cameras"), ("clips", a.clips, a.clips >= 1, "a count >= 1"),
+        ("frames", a.frames, a.frames >= 1, "a count >= 1"),
+        ("fps", a.fps, math.isfinite(a.fps) and a.fps > 0, "a finite number > 0"),
+        ("workers", a.workers, a.workers >= 1, "a count >= 1")) if not ok), None)
+    if bad:
+        ap.exit(2, f"{ap.prog}: error: {bad}\n")
     info = generate_dataset(a.out, a.views, a.clips, a.frames, a.size, a.fps, a.seed, a.workers)
     print(f"wrote {len(info['clips'])} clips x {len(info['view_keys'])} views "
           f"({', '.join(info['view_keys'])}) of {a.frames} frames at {a.size[0]}x{a.size[1]}, {a.fps} fps "

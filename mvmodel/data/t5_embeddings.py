@@ -21,6 +21,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ..device import resolve_device
 from . import layout
 
 log = logging.getLogger("mvmodel.data")
@@ -75,9 +76,10 @@ def encode_dataset(dataset_path: str | Path, encoder: T5TextEncoder, prompt: str
     root = Path(dataset_path)
     views = list(view_keys) if view_keys else layout.list_views(root)
     jobs: list[tuple[Path, str]] = []  # (pickle path, text)
-    metas_written = 0
+    metas_written = clips = 0
     for view in views:
         for clip in layout.list_clips(root, view):
+            clips += 1
             mp = layout.meta_path(root, view, clip)
             if not mp.exists():
                 mp.parent.mkdir(parents=True, exist_ok=True)
@@ -96,12 +98,13 @@ def encode_dataset(dataset_path: str | Path, encoder: T5TextEncoder, prompt: str
         emb.update(zip(chunk, encoder.encode(chunk)))
     for path, text in jobs:
         layout.write_embedding(path, emb[text])
-    return {"views": len(views), "metas_written": metas_written, "pickles_written": len(jobs),
+    return {"views": len(views), "clips": clips, "metas_written": metas_written, "pickles_written": len(jobs),
             "texts_encoded": len(unique)}
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description="Write T5 embeddings for an upstream-layout multi-view dataset.")
+    ap = argparse.ArgumentParser(prog="python -m mvmodel.data.t5_embeddings",
+                                 description="Write T5 embeddings for an upstream-layout multi-view dataset.")
     ap.add_argument("--dataset_path", required=True)
     ap.add_argument("--prompt", default=DEFAULT_PROMPT, help="caption written to metas/ where one is missing")
     ap.add_argument("--t5_dir", default=DEFAULT_T5_DIR, help="local folder with the T5 encoder and tokenizer")
@@ -111,17 +114,24 @@ def main(argv=None) -> None:
     ap.add_argument("--batch_size", type=int, default=16)
     ap.add_argument("--overwrite", action="store_true")
     a = ap.parse_args(argv)
-    try:  # user errors (missing folders, bad layout): one line, not a traceback
+    try:  # user errors (missing folders, bad layout, a device that is not there): one line, not a traceback
+        if a.batch_size < 1:
+            raise ValueError(f"--batch_size {a.batch_size}: expected a count >= 1")
+        device = str(resolve_device(a.device))
         if not Path(a.dataset_path, "videos").is_dir():
             raise FileNotFoundError(f"--dataset_path {a.dataset_path}: no videos/ folder (expected upstream's "
                                     f"layout videos/<view>/<clip>.mp4)")
-        encoder = T5TextEncoder(a.t5_dir, a.device, getattr(torch, a.dtype))
+        encoder = T5TextEncoder(a.t5_dir, device, getattr(torch, a.dtype))
         views = [v for v in a.view_keys.split(",") if v] if a.view_keys else None
         n = encode_dataset(a.dataset_path, encoder, a.prompt, views, a.overwrite, a.batch_size)
     except (ValueError, FileNotFoundError) as exc:
         ap.exit(2, f"{ap.prog}: error: {exc}\n")
-    print(f"{a.dataset_path}: {n['views']} views, wrote {n['metas_written']} captions and "
-          f"{n['pickles_written']} pickles ({n['texts_encoded']} distinct texts encoded)")
+    # Captions already in metas/ (the usual case: the dataset ships them) are used as they are; only missing ones
+    # get --prompt, so say both counts rather than "wrote 0 captions".
+    kept = n["clips"] - n["metas_written"]
+    print(f"{a.dataset_path}: {n['views']} views, {n['clips']} clip captions ({kept} from metas/, "
+          f"{n['metas_written']} written with --prompt); wrote {n['pickles_written']} pickles "
+          f"({n['texts_encoded']} distinct texts encoded)")
 
 
 if __name__ == "__main__":

@@ -87,7 +87,8 @@ def build_tiny_t5(out_dir: str | Path, d_model: int = T5_DIM, num_layers: int = 
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description="Build a tiny T5 encoder + tokenizer (offline, seeded).")
+    ap = argparse.ArgumentParser(prog="python -m mvmodel.data.tiny_t5",
+                                 description="Build a tiny T5 encoder + tokenizer (offline, seeded).")
     ap.add_argument("--out", required=True)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)

@@ -1,13 +1,30 @@
 """Multi-view Text2World inference: checkpoint folders, the generation pipeline and its output files.
 
-CLI: ``python -m mvmodel.inference.text2world_multiview`` (upstream's argument set; see that module).
+CLIs: ``python -m mvmodel.inference.text2world_multiview`` (upstream's argument set; see that module) and
+``python -m mvmodel.inference.model_dir`` (a trainer job's checkpoint -> an inference model folder).
 """
-from .model_dir import CONFIG_NAME, SLOTS, ModelSpec, resolve_model, slot_of_camera, write_model_dir
-from .pipeline import MultiviewGenerationPipeline, build_network, encode_prompts, euler_step_cfg
-from .video_io import concat_in_time, grid, save_outputs
+from importlib import import_module
 
-__all__ = [
-    "CONFIG_NAME", "ModelSpec", "MultiviewGenerationPipeline", "SLOTS", "build_network", "concat_in_time",
-    "encode_prompts", "euler_step_cfg", "grid", "resolve_model", "save_outputs", "slot_of_camera",
-    "write_model_dir",
-]
+# Names are imported on first use (PEP 562), not here: a submodule that is also a CLI (``python -m
+# mvmodel.inference.model_dir``) must not already be in sys.modules when runpy executes it as __main__, or runpy
+# warns on every run and the CLI would see a second copy of the module's globals.
+_EXPORTS = {
+    "CONFIG_NAME": "model_dir", "SLOTS": "model_dir", "ModelSpec": "model_dir", "resolve_model": "model_dir",
+    "slot_of_camera": "model_dir", "write_model_dir": "model_dir",
+    "MultiviewGenerationPipeline": "pipeline", "build_network": "pipeline", "encode_prompts": "pipeline",
+    "euler_step_cfg": "pipeline",
+    "concat_in_time": "video_io", "grid": "video_io", "save_outputs": "video_io",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -315,13 +316,18 @@ def main(argv=None) -> None:
     """``python -m mvmodel.inference.model_dir --job JOB --out checkpoints/NAME [--iteration N] [--fps 10]``."""
     import argparse
 
-    ap = argparse.ArgumentParser(description="Turn a trainer job's EMA checkpoint into an inference model folder.")
+    ap = argparse.ArgumentParser(prog="python -m mvmodel.inference.model_dir",
+                                 description="Turn a trainer job's EMA checkpoint into an inference model folder.")
     ap.add_argument("--job", required=True, help="trainer job folder (config.json + checkpoints/)")
     ap.add_argument("--out", required=True, help="e.g. checkpoints/Cosmos-Predict1-7B-Text2World-Sample-AV-"
                                                  "Multiview_post-trained")
     ap.add_argument("--iteration", type=int, default=None, help="default: the newest EMA checkpoint")
     ap.add_argument("--fps", type=float, default=None, help="inference fps default (training data's fps, e.g. 10)")
     a = ap.parse_args(argv)
+    if a.fps is not None and not (math.isfinite(a.fps) and a.fps > 0):
+        ap.error(f"--fps {a.fps}: expected a finite number > 0")
+    if a.iteration is not None and a.iteration < 0:
+        ap.error(f"--iteration {a.iteration}: expected an iteration number >= 0")
     job = Path(a.job)
     ck = job / "checkpoints"
     try:  # user errors: one line, not a traceback
@@ -336,10 +342,12 @@ def main(argv=None) -> None:
                              f"with python -m mvmodel.lora_merge --job {job} --out {a.out}")
     except (ValueError, FileNotFoundError) as exc:
         ap.exit(2, f"{ap.prog}: error: {exc}\n")
-    extra = {"fps": a.fps} if a.fps else {}
+    defaults = dict(spec.defaults)
+    if a.fps is not None:  # --fps overrides the fps probed from the job's training clips
+        defaults["fps"] = a.fps
     tok = spec.tokenizer_dir if spec.tokenizer_dir == "builtin" else (
         os.path.abspath(spec.tokenizer_dir) if spec.tokenizer_dir else None)
-    out = write_model_dir(a.out, weights, spec.net_config, tokenizer_dir=tok, **spec.defaults, **extra)
+    out = write_model_dir(a.out, weights, spec.net_config, tokenizer_dir=tok, **defaults)
     print(f"{out}: model.pt <- {weights}; {CONFIG_NAME} ({spec.n_views} views, slots {list(spec.slots)})")
 
 

@@ -38,6 +38,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..diffusion import Condition, EDMScaling, VideoCondition, karras_sigmas
+from ..device import resolve_device  # noqa: F401 - re-exported: the CLI and tests import it from here
 from ..networks import MultiviewDiT, load_cosmos_checkpoint
 from ..networks.precision import Precision, apply_precision, set_sampling_step
 from .model_dir import ModelSpec
@@ -49,25 +50,6 @@ T5_LENGTH = 512
 
 class NonFiniteError(ValueError):
     """Weights or a sample hold NaN/inf: generating would only write a black or noise video."""
-
-
-def resolve_device(name: str | torch.device | None) -> torch.device:
-    """``--device``: default cuda when available, else cpu; cuda without a visible GPU is a clear error."""
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise ValueError(f"--device {name!r}: not a device; expected cpu, cuda or cuda:N") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device {name}: only cpu and cuda are supported")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {name}: no CUDA GPU is visible to PyTorch (torch.cuda.is_available() is "
-                             f"False); use --device cpu or run on a GPU machine")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) visible")
-    return dev
 
 
 def check_finite_weights(net: torch.nn.Module, where: str) -> None:

@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..device import resolve_device
 from ..networks.precision import (DEFAULT_BF16_BLOCKS, DEFAULT_BF16_STEPS, PRECISIONS, Precision, parse_blocks,
                                   resolve_precision)
 from .model_dir import RELEASED_NAME, RELEASED_V2W_NAME, SLOT_ARGS, INFERENCE_DEFAULTS, resolve_model
@@ -111,7 +112,9 @@ def build_parser(video2world: bool = False) -> argparse.ArgumentParser:
            f"(default: {','.join(map(str, DEFAULT_BF16_BLOCKS))} = first and last)")
     a("--bf16_steps", type=int, default=DEFAULT_BF16_STEPS,
       help=f"first sampling steps run fully bf16 under an 8-bit precision (default {DEFAULT_BF16_STEPS})")
-    a("--compile", action="store_true", help="torch.compile each transformer block (first step compiles)")
+    a("--compile", action=argparse.BooleanOptionalAction, default=None,
+      help="torch.compile each transformer block (default: on with a CUDA device, where the measured per-step "
+           "time includes it; off on the CPU). The first step compiles: a one-time cost on top of it")
     a("--sequential_cfg", action="store_true", help="run cond and uncond as two forwards instead of one of batch 2")
     a("--no_offload", action="store_true", help="keep the DiT on the GPU while decoding")
     a("--no_progress", action="store_true", help="no per-step progress bar")
@@ -270,7 +273,7 @@ def make_guardrails(args, device, ckpt: Path):
 def run(argv: list[str] | None = None, *, video2world: bool = False) -> list[dict[str, Path]]:
     """Parse, generate and save; returns the written paths per video. Raises ValueError / OSError (user errors).
     ``video2world``: the Video2World CLI (input frames; the model must be a Video2World net)."""
-    from .pipeline import MultiviewGenerationPipeline, check_video_size, resolve_device
+    from .pipeline import MultiviewGenerationPipeline, check_video_size
     from .video_io import save_outputs
 
     args = build_parser(video2world).parse_args(argv)
@@ -333,8 +336,8 @@ def run(argv: list[str] | None = None, *, video2world: bool = False) -> list[dic
     pipe = MultiviewGenerationPipeline(spec, t5_dir=t5_dir, tokenizer_dir=tok_dir, device=device, dtype=dtype,
                                        attention_backend=args.attention_backend, t5_dtype=getattr(torch, args.t5_dtype),
                                        batch_cfg=not args.sequential_cfg, offload=not args.no_offload,
-                                       progress=not args.no_progress, compile=args.compile, cp_group=cp_group,
-                                       precision=precision)
+                                       progress=not args.no_progress, cp_group=cp_group, precision=precision,
+                                       compile=args.compile if args.compile is not None else device.type == "cuda")
     log.info(kind + " model %s (%s), %d views %s; %d video(s) of %d frames at %dx%d, %s fps, %d steps, guidance %g%s",
              spec.weights, spec.source, spec.n_views, list(spec.slots), len(sets), opt["num_video_frames"],
              opt["height"], opt["width"], opt["fps"], args.num_steps, args.guidance,

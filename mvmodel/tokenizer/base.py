@@ -62,7 +62,7 @@ class VideoTokenizer(nn.Module):
         ``mean_std.pt`` (a (mean, std) tuple of [16, latent frames]) in upstream's checkpoint layout."""
         os.makedirs(directory, exist_ok=True)
         with warnings.catch_warnings():  # TorchScript is deprecated, but it is upstream's file format
-            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.filterwarnings("ignore", message=r".*torch\.jit")  # Deprecation- or FutureWarning by release
             torch.jit.script(self.encoder).save(os.path.join(directory, "encoder.jit"))
             torch.jit.script(self.decoder).save(os.path.join(directory, "decoder.jit"))
         mean = self.mean.reshape(self.latent_channels, -1).clone()

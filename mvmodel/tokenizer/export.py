@@ -89,6 +89,8 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     if a.num_frames < 1 or (a.num_frames - 1) % 8:
         ap.error(f"--num_frames {a.num_frames}: expected 1 + a multiple of 8 (9, 17, 25, ..., 57)")
+    if a.samples < 1:
+        ap.error(f"--samples {a.samples}: expected a count >= 1")
     if not (Path(a.dataset_path) / "videos").is_dir():
         ap.error(f"--dataset_path {a.dataset_path}: no videos/ folder (expected videos/<view>/<clip>.mp4)")
     try:
@@ -96,10 +98,10 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, FileNotFoundError) as exc:
         sys.exit(f"mvmodel.tokenizer.export: error: {exc}")
     files = "encoder.jit, decoder.jit, mean_std.pt" + (", basis.npz" if a.basis == "fitted" else "")
-    print(f"{a.basis} tokenizer -> {a.out} ({files}); {'fitted and ' if a.basis == 'fitted' else ''}normalised on {r['clips']} of the dataset's "
-          f"{r['windows']} {a.num_frames}-frame windows: latent std per channel {r['std_min']:.3f}..{r['std_max']:.3f}, "
-          f"each divided by sqrt(its std x their RMS {r['std']:.3f}); reconstruction PSNR of the first window "
-          f"{r['psnr']:.1f} dB (fixed DCT basis: {r['psnr_dct']:.1f} dB)")
+    print(f"{a.basis} tokenizer -> {a.out} ({files}); {'fitted and ' if a.basis == 'fitted' else ''}normalised on "
+          f"{r['clips']} of the dataset's {r['windows']} {a.num_frames}-frame windows: latent std per channel "
+          f"{r['std_min']:.3f}..{r['std_max']:.3f}, each divided by sqrt(its std x their RMS {r['std']:.3f}); "
+          f"reconstruction PSNR of the first window {r['psnr']:.1f} dB (fixed DCT basis: {r['psnr_dct']:.1f} dB)")
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ class JITVideoTokenizer(VideoTokenizer):
             path = os.path.join(d, name)
             try:
                 with warnings.catch_warnings():  # TorchScript is deprecated, but it is upstream's file format
-                    warnings.simplefilter("ignore", DeprecationWarning)
+                    warnings.filterwarnings("ignore", message=r".*torch\.jit")  # Deprecation-/FutureWarning by release
                     mod = torch.jit.load(path, map_location=device)
             except Exception as exc:  # noqa: BLE001
                 raise ValueError(f"cannot load TorchScript module {path}: {exc}") from exc
