@@ -41,7 +41,7 @@ RUNS = [
                                     "--prompt", "A road.", "--view_keys", VIEWS, "--device", "cpu", "--dtype",
                                     "float32", "--batch_size", "4", "--overwrite"]),
     ("mvmodel.tokenizer.export", ["--dataset_path", "{W}/data/dataset", "--out", "{W}/data/tokenizer",
-                                  "--num_frames", "25", "--size", "64x96", "--samples", "2"]),
+                                  "--num_frames", "25", "--size", "64x96", "--samples", "2", "--basis", "fitted"]),
     ("mvmodel.train", ["--dryrun", *TRAIN]),
     ("mvmodel.train", ["--no_preflight", *TRAIN]),
     ("mvmodel.train", TRAIN),  # the same command again: nothing to do
@@ -54,17 +54,18 @@ RUNS = [
         "--tokenizer_dir", "{W}/data/tokenizer", "--video_save_name", "one", "--video_save_folder", "{W}/out",
         "--device", "cpu", "--dtype", "float32", "--t5_dtype", "float32", "--attention_backend", "sdpa",
         "--no-compile", "--sequential_cfg", "--no_offload", "--no_progress", "--save_latents", "--num_gpus", "1",
-        *UPSTREAM_NOOPS]),
+        "--precision", "fp8", "--bf16_blocks", "0,-1", "--bf16_steps", "1", *UPSTREAM_NOOPS]),
     ("mvmodel.inference.text2world_multiview", [
         "--checkpoint_dir", "{W}/ck/posttraining/diffusion_text2world", "--diffusion_transformer_dir",
         "text2world_multiview_cpu_example", "--t5_dir", "{W}/data/tiny_t5", "--batch_input_path", "{W}/batch.jsonl",
-        "--num_steps", "1", "--video_save_folder", "{W}/out", "--compile", "--no_progress"]),
+        "--num_steps", "1", "--video_save_folder", "{W}/out", "--compile", "--no_progress",
+        "--guardrail_dir", "{W}/guard", "--offload_guardrail_models"]),  # test guard weights (guardrail_fixtures)
     ("mvmodel.demo", ["--out", "{W}/data", "--steps", "1", "--device", "cpu", "--sample_steps", "1", "--guidance",
                       "2", "--seed", "0"]),
     ("mvmodel.demo", ["--out", "{W}/data", "--steps", "1", "--sample_steps", "1", "--resume"]),
     ("mvmodel.download", ["--model_sizes", "7B", "--model_types", "Text2World-Sample-AV-Multiview",
-                          "--checkpoint_dir", "{W}/hub", "--dry_run"]),
-    ("mvmodel.download", ["--checkpoint_dir", "{W}/hub", "--from_dir", "{W}/copy"]),
+                          "--checkpoint_dir", "{W}/hub", "--dry_run", "--skip_guardrail"]),
+    ("mvmodel.download", ["--checkpoint_dir", "{W}/hub", "--from_dir", "{W}/copy", "--skip_guardrail"]),
 ]
 CLIS = sorted({m for m, _ in RUNS})
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9_-]*")
@@ -111,6 +112,12 @@ def test_every_offered_flag_works(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(torch._dynamo.config, "disable", True)
     hub._make_copy(W / "copy", hub._fake_7b_state_dict(preset("cosmos_7b_multiview_6view")))
+    from guardrail_fixtures import simple_lemmas, write_guardrail_dir  # small guard models in the released layout
+
+    from mvmodel.guardrail import blocklist
+
+    write_guardrail_dir(W / "guard")
+    monkeypatch.setattr(blocklist, "nltk_lemmatizer", lambda data: simple_lemmas)  # nltk's data is not offline
     (W / "batch.jsonl").write_text('{"prompt": "a road", "seed": 5, "video_save_name": "batch0"}\n')
     outputs = []
     for module, argv in RUNS:
@@ -122,7 +129,7 @@ def test_every_offered_flag_works(tmp_path, capsys, monkeypatch):
 
     assert (W / "data/dataset/t5_xxl/pinhole_front").is_dir() and (W / "data/tokenizer/mean_std.pt").is_file()
     assert "5 clip captions (5 from metas/, 0 written with --prompt)" in text[2]
-    assert "measured on 2 windows of 25 frames" in text[3]
+    assert "normalised on 2 of the dataset's 16 25-frame windows" in text[3]
     assert '"max_iter": 1' in text[4]  # --dryrun prints the composed config
     assert (W / JOB / "checkpoints/iter_000000001_ema_model.pt").is_file()
     assert "nothing to do: job text2world_multiview_cpu_example already at iteration 1 = trainer.max_iter=1" in text[6]

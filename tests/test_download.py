@@ -236,7 +236,7 @@ def test_video2world_model_type(monkeypatch, tmp_path, capsys):
     """--model_types Video2World-Sample-AV-Multiview fetches the Video2World DiT (checked against the 96-input net)."""
     repo = "nvidia/Cosmos-Predict1-7B-Video2World-Sample-AV-Multiview"
     listing = {**LISTING, repo: LISTING["nvidia/Cosmos-Predict1-7B-Text2World-Sample-AV-Multiview"]}
-    dit, _, _ = dl.plan(dl.components(["7B"], ["Video2World-Sample-AV-Multiview"]), listing.__getitem__)
+    dit, *_ = dl.plan(dl.components(["7B"], ["Video2World-Sample-AV-Multiview"]), listing.__getitem__)
     assert dit.repo_id == repo and dit.folder == "Cosmos-Predict1-7B-Video2World-Sample-AV-Multiview"
     monkeypatch.setattr(dl, "hub_listing", lambda r, token=None: listing[r])
     assert dl.main(["--model_types", "Video2World-Sample-AV-Multiview", "--checkpoint_dir", "ck", "--dry_run"]) == 0
