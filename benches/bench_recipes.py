@@ -43,7 +43,7 @@ def run_case(case: str, out_dir: Path) -> dict:
     import torch
 
     from mvmodel.configs import make_config
-    from mvmodel.diffusion import Condition
+    from bench_train_step import training_inputs  # the same sample as the uncapped step bench
     from mvmodel.trainer import Trainer, step_generator
     from mvmodel.trainer.monitor import peak_flops
 
@@ -59,10 +59,7 @@ def run_case(case: str, out_dir: Path) -> dict:
     dev = trainer.info.device
     print(f"[recipes] {case}: built in {build_s:.0f} s; {trainer._recipe_note}", flush=True)
     try:
-        g = torch.Generator().manual_seed(0)
-        x0 = (torch.randn(1, 16, 40, 60, 106, generator=g) * 0.5).to(dev)
-        cond = Condition(crossattn_emb=torch.randn(1, 5 * 512, 1024, generator=g).to(dev),
-                         fps=torch.full((1,), 10.0, device=dev), padding_mask=torch.zeros(1, 1, 480, 848, device=dev))
+        x0, cond = training_inputs(dev)
         tokens = trainer.tokens_per_sample
         assert tokens == 63600, tokens
         offload = trainer.offload

@@ -34,6 +34,18 @@ import torch
 from conftest import record
 
 
+
+def training_inputs(dev):
+    """One random 7B training sample at upstream's shape: 5 views x 57 frames at 480x848 = 40 latent frames of
+    60x106 (63,600 tokens), 5 x 512 T5 tokens."""
+    from mvmodel.diffusion import Condition
+
+    g = torch.Generator().manual_seed(0)
+    x0 = (torch.randn(1, 16, 40, 60, 106, generator=g) * 0.5).to(dev)
+    cond = Condition(crossattn_emb=torch.randn(1, 5 * 512, 1024, generator=g).to(dev),
+                     fps=torch.full((1,), 10.0, device=dev), padding_mask=torch.zeros(1, 1, 480, 848, device=dev))
+    return x0, cond
+
 def _env(name: str, default: str) -> str:
     return os.environ.get(name, default)
 
@@ -41,7 +53,6 @@ def _env(name: str, default: str) -> str:
 @pytest.mark.gpu
 def test_train_step_7b_one_gpu(benchmark, tmp_path):
     from mvmodel.configs import make_config
-    from mvmodel.diffusion import Condition
     from mvmodel.trainer import Trainer, step_generator
     from mvmodel.trainer.monitor import host_rss_gib, peak_flops
 
@@ -68,10 +79,7 @@ def test_train_step_7b_one_gpu(benchmark, tmp_path):
     print(f"\n[train_step] built in {build_s:.0f} s", flush=True)  # long work shows progress
     dev = trainer.info.device
     try:
-        g = torch.Generator().manual_seed(0)
-        x0 = (torch.randn(1, 16, 40, 60, 106, generator=g) * 0.5).to(dev)
-        cond = Condition(crossattn_emb=torch.randn(1, 5 * 512, 1024, generator=g).to(dev),
-                         fps=torch.full((1,), 10.0, device=dev), padding_mask=torch.zeros(1, 1, 480, 848, device=dev))
+        x0, cond = training_inputs(dev)
         tokens = trainer.tokens_per_sample
         assert tokens == 63600, tokens
 
