@@ -95,8 +95,23 @@ def test_runs_cover_every_flag(module, capsys):
     assert not missing, f"{module} --help offers {sorted(missing)}, which no run of RUNS exercises"
 
 
+@pytest.fixture
+def dynamo_off():
+    """--compile takes its real path up to torch.compile, which then runs eagerly: inductor's CPU code generation
+    costs minutes on 2 cores (the compiled sampling step is measured on the GPU, benches/bench_inference_step.py).
+    Afterwards dynamo is reset: code it met while off stays marked "skip", and a later test's ``fullgraph=True``
+    compile would find no frame to compile."""
+    import torch._dynamo
+
+    was = torch._dynamo.config.disable
+    torch._dynamo.config.disable = True
+    yield
+    torch._dynamo.config.disable = was
+    torch._dynamo.reset()
+
+
 @pytest.mark.slow
-def test_every_offered_flag_works(tmp_path, capsys, monkeypatch):
+def test_every_offered_flag_works(tmp_path, capsys, monkeypatch, dynamo_off):
     """RUNS in order through each CLI's main(), checking what each wrote."""
     import test_download as hub  # the Hub listing and the 7B-shaped offline copy that test already builds
 
@@ -108,9 +123,6 @@ def test_every_offered_flag_works(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(download, "hub_listing", lambda repo, token=None: hub.LISTING[repo])
     # --compile takes its real path up to torch.compile, which then runs eagerly: inductor's CPU code generation
     # costs minutes on 2 cores (the compiled sampling step is measured on the GPU, benches/bench_inference_step.py).
-    import torch._dynamo
-
-    monkeypatch.setattr(torch._dynamo.config, "disable", True)
     hub._make_copy(W / "copy", hub._fake_7b_state_dict(preset("cosmos_7b_multiview_6view")))
     from guardrail_fixtures import simple_lemmas, write_guardrail_dir  # small guard models in the released layout
 
