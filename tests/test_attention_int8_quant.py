@@ -161,11 +161,11 @@ def _flat(conn, n_views):
 
 
 @interp
-@pytest.mark.parametrize("case", [
-    (1, 1, 70, 70, "all", False),      # dense, odd length
-    (1, 3, 40, 40, "ring1", True),     # view-sparse + fused RMSNorm/RoPE
-    (1, 4, 33, 17, "self", False),     # per-view cross-attention, Sq != Sk
-], ids=["dense", "ring1-fused", "self-cross"])
+@pytest.mark.parametrize("case", [  # the quick command runs the dense case; the full suite all three
+    pytest.param((1, 1, 70, 70, "all", False), id="dense"),                              # odd length
+    pytest.param((1, 3, 40, 40, "ring1", True), id="ring1-fused", marks=pytest.mark.slow),  # view-sparse, RoPE
+    pytest.param((1, 4, 33, 17, "self", False), id="self-cross", marks=pytest.mark.slow),   # per-view, Sq != Sk
+])
 def test_triton_kernels_match_reference_interpreter(interpreter, case):
     B, nv, Lq, Lk, conn, fused = case
     H, D = 1, 64  # the interpreter's cost grows with programs x ops: keep the grids tiny
@@ -195,6 +195,7 @@ def test_triton_kernels_match_reference_interpreter(interpreter, case):
 
 
 @interp
+@pytest.mark.slow
 def test_two_v_planes_interpreter(interpreter, monkeypatch):
     monkeypatch.setenv("MVKERNELS_INT8_V_PLANES", "2")
     q, k, v, _ = make_case("random", 1, 3 * 24, 1, 64, dtype=torch.float32, seed=8)
@@ -210,6 +211,7 @@ def test_two_v_planes_interpreter(interpreter, monkeypatch):
 
 
 @interp
+@pytest.mark.slow
 def test_prepass_outputs_interpreter(interpreter):
     """Layouts, dtypes and values of the pre-pass: padded segments, per-row scales, V^T in e4m3."""
     from mvkernels.ops import mv_attention_int8_triton as tri
@@ -241,6 +243,7 @@ def test_prepass_outputs_interpreter(interpreter):
 
 
 @interp
+@pytest.mark.slow
 def test_non_finite_raises_interpreter(interpreter):
     for which, bad in (("q", float("nan")), ("k", float("inf")), ("v", float("nan"))):
         q, k, v, _ = make_case("random", 1, 16, 1, 64, dtype=torch.float32)

@@ -22,12 +22,14 @@ def _run(*args: str, cwd=None) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("module", CLIS)
+@pytest.mark.slow
 def test_help(module):
     r = _run(module, "--help")
     assert r.returncode == 0, r.stderr
     assert "usage" in r.stdout.lower() and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_train_help_lists_experiments():
     out = _run("mvmodel.train", "--help").stdout
     assert "text2world_multiview_7b_example_waymo" in out and "text2world_multiview_cpu_example" in out
@@ -43,6 +45,7 @@ def _one_line_error(r: subprocess.CompletedProcess, *needles: str) -> str:
     return err
 
 
+@pytest.mark.slow
 def test_train_errors_name_the_setting(tmp_path):
     base = ["mvmodel.train", "--config=mvmodel/configs/multiview.py", "--"]
     _one_line_error(_run(*base, "experiment=nope"), "unknown experiment 'nope'")
@@ -52,6 +55,7 @@ def test_train_errors_name_the_setting(tmp_path):
     _one_line_error(_run("mvmodel.train", "--bogus"), "--bogus")
 
 
+@pytest.mark.slow
 def test_7b_experiment_checks_before_building(tmp_path):
     """Dataset first, then tokenizer and weights; on a CPU-only machine the memory plan refuses the 7B recipe."""
     base = ["mvmodel.train", "--config=mvmodel/configs/multiview.py", "--", "experiment=text2world_multiview_7b_example_waymo"]

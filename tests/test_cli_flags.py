@@ -174,6 +174,7 @@ def _run(*argv: str, cwd: Path) -> tuple[subprocess.CompletedProcess, float]:
       "experiment=text2world_multiview_cpu_example", "trainer.device=cuda", "job.output_root=work"],
      "trainer.device=cuda"),
 ], ids=["demo", "text2world_multiview", "t5_embeddings", "train"])
+@pytest.mark.slow
 def test_wrong_device_is_one_line_before_any_work(tmp_path, argv, named):
     r, seconds = _run(*argv, cwd=tmp_path)
     err = r.stderr.strip()
@@ -183,6 +184,7 @@ def test_wrong_device_is_one_line_before_any_work(tmp_path, argv, named):
     assert seconds < 15, f"{seconds:.1f} CPU s before the device error"  # the imports only: ~3-6 CPU s
 
 
+@pytest.mark.slow
 def test_model_dir_runs_as_a_module_without_runpy_warning(tmp_path):
     """`python -m mvmodel.inference.model_dir`: the package no longer imports it before runpy runs it."""
     r, _ = _run("mvmodel.inference.model_dir", "--job", str(tmp_path / "none"), "--out", str(tmp_path / "o"),

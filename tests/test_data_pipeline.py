@@ -184,6 +184,7 @@ def _order(loader, epochs=1):
     return out
 
 
+@pytest.mark.slow
 def test_loader_deterministic_distributed_and_resumable(syn):
     root, info = syn
     ds = MultiviewDataset(root, 8, info["view_keys"], (16, 24), decoder="pyav", start_frame_interval=2,

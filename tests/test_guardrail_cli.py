@@ -103,6 +103,7 @@ def test_missing_checkpoints_is_one_line(env, tmp_path, capsys):
     assert "python -m mvmodel.download" in line and "--disable_guardrail" in line
 
 
+@pytest.mark.slow
 def test_faces_are_pixelated_in_what_is_written(env, tmp_path, caplog):
     plain = run(_args(env, tmp_path / "off", None))[0]
     with caplog.at_level(logging.INFO, logger="mvmodel"):
@@ -125,6 +126,7 @@ def test_disabled_guardrail_warns(env, tmp_path, caplog):
     assert paths[0]["video"].is_file() and "guardrails disabled (--disable_guardrail)" in caplog.text
 
 
+@pytest.mark.slow
 def test_context_parallel_ranks_share_the_verdict(env, tmp_path):
     """Under torchrun the prompt guards run on rank 0 only and every rank stops with rank 0's verdict. In a fresh
     process the blocklist uses nltk, whose data this test folder lacks: a guard that cannot load, on rank 0."""

@@ -107,6 +107,7 @@ def test_cli_6view_batch_jsonl(env, tmp_path):
     assert out[0]["prompts"].read_text().splitlines()[3] == "Behind the car."
 
 
+@pytest.mark.slow
 def test_same_seed_same_video(env, tmp_path):
     """Generated frames are bit-identical for a seed (fresh pipelines); the mp4s agree up to the H.264 encoder,
     which is not bit-reproducible under CPU load here; another seed gives another video."""

@@ -48,6 +48,7 @@ def test_two_process_generation_matches_one(env, tmp_path):
     assert np.abs(va.astype(int) - vb.astype(int)).mean() < 1.0  # equal frames up to codec noise
 
 
+@pytest.mark.slow
 def test_num_gpus_must_match_the_processes(env, tmp_path):
     pyenv = dict(os.environ, PYTHONPATH=str(REPO))
     res = subprocess.run([sys.executable, "-m", "mvmodel.inference.text2world_multiview", "--checkpoint_dir",

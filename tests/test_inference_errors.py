@@ -153,6 +153,7 @@ def test_batch_file_names_and_seeds_checked(env, tmp_path):
             run(argv)
 
 
+@pytest.mark.slow
 def test_cli_process_exit_code(env, tmp_path):
     """The real command: a user error exits non-zero with one line and no traceback."""
     r = subprocess.run([sys.executable, "-m", "mvmodel.inference.text2world_multiview",

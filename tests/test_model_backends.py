@@ -65,6 +65,7 @@ def test_sparse_connectivity_backends_agree(conn, V):
     assert not torch.allclose(oa, od, atol=1e-3)  # the pattern really restricts attention
 
 
+@pytest.mark.slow
 def test_blocks_compile_fullgraph_with_checkpointing():
     """The trainer compiles each block: it must trace without graph breaks, custom ops and checkpointing included."""
     a, b = _pair(torch.float32)

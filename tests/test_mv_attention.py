@@ -119,15 +119,23 @@ def _conn(name, n_views, seed=0):
     return name
 
 
+def _case_id(c) -> str:
+    return f"v{c[0]}-{c[1]}x{c[2]}-{c[3]}{'-fused' if c[4] else ''}"
+
+
+QUICK_CASES = {"v1-40x40-self-fused", "v3-17x9-custom"}  # in the quick command; the others in the full suite
+
+
 @pytest.mark.parametrize("device", [CPU, GPU])
-@pytest.mark.parametrize("case", CASES, ids=[f"v{c[0]}-{c[1]}x{c[2]}-{c[3]}{'-fused' if c[4] else ''}" for c in CASES])
+@pytest.mark.parametrize("case", [pytest.param(c, id=_case_id(c), marks=() if _case_id(c) in QUICK_CASES
+                                               else pytest.mark.slow) for c in CASES])
 def test_matches_float64(device, case):
     n_views, Lq, Lk, conn, fused = case
     _check(device, n_views, Lq, Lk, _conn(conn, n_views), fused)
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="CPU path; GPU half precision is test_gpu_hd128")
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, pytest.param(torch.float16, marks=pytest.mark.slow)])
 def test_half_precision_on_cpu(dtype):
     """16-bit inputs on CPU: the Triton kernels run (in fp32 inside the interpreter) and round once."""
     _check("cpu", 3, 24, 24, "ring1", True, dtype=dtype)
@@ -135,6 +143,7 @@ def test_half_precision_on_cpu(dtype):
 
 @pytest.mark.parametrize("device", [CPU, GPU])
 @pytest.mark.parametrize("tma", ["0", "1"])
+@pytest.mark.slow
 def test_pointer_and_descriptor_paths(device, tma, monkeypatch):
     """The forward kernel's two K/V load paths (plain pointers; tensor descriptors = TMA on Hopper)."""
     monkeypatch.setenv("MVKERNELS_ATTN_TMA", tma)
@@ -142,6 +151,7 @@ def test_pointer_and_descriptor_paths(device, tma, monkeypatch):
 
 
 @pytest.mark.parametrize("device", [CPU, GPU])
+@pytest.mark.slow
 def test_atomic_dq_variant(device, monkeypatch):
     """dQ accumulated with atomics inside the dK/dV kernel (MVKERNELS_ATTN_DQ=atomic)."""
     monkeypatch.setenv("MVKERNELS_ATTN_DQ", "atomic")
@@ -160,6 +170,7 @@ def test_gpu_hd128(dtype, case):
 
 
 @pytest.mark.parametrize("device", [CPU, GPU])
+@pytest.mark.slow
 def test_unconnected_keys_are_never_read(device):
     """Key view 2 is seen by nobody: NaN there must not reach any output, and its dk/dv are exactly zero."""
     dtype = _dtype(device)
@@ -221,6 +232,7 @@ def test_bad_tensors():
 
 
 @pytest.mark.parametrize("device", [CPU, GPU])
+@pytest.mark.slow
 def test_opcheck(device):
     dtype = _dtype(device)
     q, k, v, _ = _inputs(device, dtype, 2, 13, 7, 2, 32, False, seed=5)
@@ -233,6 +245,7 @@ def test_opcheck(device):
 
 
 @pytest.mark.parametrize("device", [CPU, GPU])
+@pytest.mark.slow
 def test_torch_compile_fullgraph(device):
     """The op traces as one opaque node with its backward (no graph break), fused prepass included."""
     dtype = _dtype(device)

@@ -65,6 +65,7 @@ def dataset(tmp_path_factory) -> Path:
     return tiny_dataset(tmp_path_factory.getbasetemp() / "train_tiny_data")
 
 
+@pytest.mark.slow
 def test_knob_combinations_match_and_checkpoints_load_in_one_process(dataset, tmp_path):
     _, ref = run_tiny(dataset, tmp_path / "ref", BASE[1:] + ["trainer.max_iter=5"])  # 1 process, 5 steps
     result = tmp_path / "combos.json"

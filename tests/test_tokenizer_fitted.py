@@ -27,6 +27,7 @@ def _in_group_motion(video: torch.Tensor, views: int) -> torch.Tensor:
     return torch.stack(d).mean(0) * 127.5
 
 
+@pytest.mark.slow
 def test_fitted_tokenizer_beats_dct_on_the_demo_drive(tmp_path):
     # the demo's dataset (mvmodel/demo.py: one 40-frame drive, 5 cameras, 64x96); the reference clip is its first
     # 25-frame window, the one the demo's reference_grid.mp4 shows

@@ -82,6 +82,7 @@ def test_cli_with_and_without_separator():
         parse_cli(["--config=x.py", "--foo"])
 
 
+@pytest.mark.slow
 def test_train_cli_errors_and_dryrun():
     bad = subprocess.run([sys.executable, "-m", "mvmodel.train", f"--config={CONFIG}", "--",
                           "experiment=text2world_multiview_tiny_example", "optimizer.nope=1"],

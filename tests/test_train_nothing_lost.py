@@ -169,6 +169,7 @@ def test_disk_full_keeps_the_previous_checkpoint(tmp_path, async_save):
         cp.close()
 
 
+@pytest.mark.slow
 def test_async_save_on_full_disk_stops_the_run(dataset, tmp_path):
     """The default async save on a real full disk: the run stops at the next step with exit status 1 and an
     error naming the file; the previous checkpoint is whole, the pointer names it."""
@@ -187,6 +188,7 @@ def test_async_save_on_full_disk_stops_the_run(dataset, tmp_path):
         assert 4 <= rows[-1]["iteration"] <= 5
 
 
+@pytest.mark.slow
 def test_file_size_limit_stops_the_async_run(dataset, tmp_path):
     """No mount needed: a file-size limit (EFBIG) in the training process. The background write fails, the run
     exits 1 naming the file, and no pointer or manifest names the failed set."""
@@ -300,6 +302,7 @@ def test_consecutive_non_finite_steps_stop_the_run(dataset, tmp_path):
         trainer.close()
 
 
+@pytest.mark.slow
 def test_diverged_run_exits_non_zero_and_saves_nothing_non_finite(dataset, tmp_path):
     cmd = [c for c in command(dataset, tmp_path) if not c.startswith(("trainer.max_iter", "checkpoint.save_iter"))]
     r = subprocess.run(cmd + ["trainer.max_iter=8", "checkpoint.save_iter=1", "optimizer.lr=1e30",

@@ -152,6 +152,7 @@ def test_cli_refuses_the_wrong_model_family(env, capsys, tmp_path):
     assert "is a Video2World net" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_cli_generates_from_concatenated_mp4_and_batch_jsonl(env, tmp_path):
     import av
 
