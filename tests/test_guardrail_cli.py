@@ -11,36 +11,22 @@ import logging
 
 import numpy as np
 import pytest
-import torch
 
 from guardrail_fixtures import simple_lemmas, write_guardrail_dir
-from mvmodel.inference import write_model_dir
 from mvmodel.inference.text2world_multiview import main, run
-from mvmodel.networks import WAYMO_5VIEW_CAMERAS, MultiviewDiT, preset, to_cosmos_state_dict
+from test_inference_errors import FRAMES, H, W, _model  # the tiny 5-view model folder those tests use
 
 av = pytest.importorskip("av")
 pytest.importorskip("sentencepiece")
 pytest.importorskip("better_profanity")
-
-FRAMES, H, W = 9, 32, 48
-
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     from mvmodel.data.tiny_t5 import build_tiny_t5
 
     root = tmp_path_factory.mktemp("guard_cli")
-    cfg = preset("tiny", n_views=5, camera_names=WAYMO_5VIEW_CAMERAS, crossattn_emb_channels=1024,
-                 view_condition_dim=3, add_repeat_frame_embedding=False)
-    torch.manual_seed(0)
-    net = MultiviewDiT(cfg)
-    with torch.no_grad():
-        for p in net.final_layer.parameters():
-            p.normal_(0, 0.05)
-    torch.save(to_cosmos_state_dict(net), root / "w.pt")
     ck = root / "checkpoints"
-    write_model_dir(ck / "Tiny_post-trained", root / "w.pt", cfg, tokenizer_dir="builtin", fps=10,
-                    num_video_frames=FRAMES, height=H, width=W)
+    _model(ck, "Tiny_post-trained")
     guards = {"safe": write_guardrail_dir(root / "g_safe"),
               "llama_unsafe": write_guardrail_dir(root / "g_llama", answer="unsafe"),
               "video_unsafe": write_guardrail_dir(root / "g_video", verdict=2),
