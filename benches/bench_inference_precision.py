@@ -24,7 +24,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_inference_step import DEVICE, PEAK_FLOPS, _time_ms, build_net, inputs  # noqa: E402
+from bench_inference_step import DEVICE, _time_ms, build_net, inputs, step_row  # noqa: E402
 from conftest import cuda_time, record  # noqa: E402
 
 DEFAULT_VARIANTS = "bf16,fp8-attn,fp8-linear,fp8"
@@ -70,10 +70,8 @@ def run(small: bool = False, variants: list[str] | None = None, rep: int | None 
             ms, peak = _time_ms(step, rep), float("nan")
         if ref is None:
             ref = out.float()
-        diff = ((out.float() - ref).norm() / ref.norm()).item()
-        r = {"s_per_step": ms / 1e3, "tflops": flops / (ms / 1e3) / 1e12, "mfu_bf16": flops / (ms / 1e3) / PEAK_FLOPS,
-             "peak_gib": peak, "steps35_min": 35 * ms / 1e3 / 60, "rel_diff_vs_first": diff}
-        results[variant] = r
+        r = results[variant] = step_row(ms, flops, peak, out, ref)  # MFU against the bf16 peak
+        diff = r["rel_diff_vs_first"]
         print(f"  {variant:12s} {r['s_per_step']:7.2f} s/step  {r['tflops']:6.0f} TFLOP/s  peak {peak:5.1f} GiB  "
               f"35 steps {r['steps35_min']:5.2f} min  (step output vs {variants[0]}: {diff:.1e})")
         if benchmark is not None:

@@ -59,6 +59,14 @@ def _time_ms(fn, rep: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def step_row(ms: float, flops: float, peak_gib: float, out: torch.Tensor, ref: torch.Tensor) -> dict:
+    """One sampling-step result: time, throughput (MFU against the GPU's bf16 peak), memory, 35-step minutes, and
+    the output's relative difference from the first variant's (``ref``)."""
+    s = ms / 1e3
+    return {"s_per_step": s, "tflops": flops / s / 1e12, "mfu": flops / s / PEAK_FLOPS, "peak_gib": peak_gib,
+            "steps35_min": 35 * s / 60, "rel_diff_vs_first": ((out.float() - ref).norm() / ref.norm()).item()}
+
+
 def _shape(small: bool) -> dict:
     """Net overrides and the latent [1, 16, V*T, h, w] of the benchmark."""
     if small:
@@ -160,10 +168,8 @@ def run(small: bool = False, variants: list[str] | None = None, rep: int | None 
             continue
         if ref is None:
             ref = out.float()
-        diff = ((out.float() - ref).norm() / ref.norm()).item()
-        r = {"s_per_step": ms / 1e3, "tflops": flops / (ms / 1e3) / 1e12, "mfu": flops / (ms / 1e3) / PEAK_FLOPS,
-             "peak_gib": peak, "steps35_min": 35 * ms / 1e3 / 60, "rel_diff_vs_first": diff}
-        results[variant] = r
+        r = results[variant] = step_row(ms, flops, peak, out, ref)
+        diff = r["rel_diff_vs_first"]
         print(f"  {variant:24s} {r['s_per_step']:7.2f} s/step  {r['tflops']:6.0f} TFLOP/s  MFU {100 * r['mfu']:5.1f}%  "
               f"peak {peak:5.1f} GiB  35 steps {r['steps35_min']:5.2f} min  (out rel diff {diff:.1e})")
         if benchmark is not None:
