@@ -38,8 +38,8 @@ def test_demo_rejects_bad_steps(tmp_path):
 @pytest.mark.slow  # the default demo: ~4.5 minutes on 2 cores
 def test_default_demo_sample_shows_the_drive(tmp_path, capsys):
     """The embedded default is worth watching: the front cameras' sampled frames reproduce the drive they were
-    prompted with (road, lane marks, poles in place). Measured 19.6-20.2 dB per front camera (two runs); a sample without the
-    road (the 300-step model of the CPU example's noise levels, one window per step) measured 17.2-17.9 dB."""
+    prompted with (road, lane marks, poles in place). Measured 19.6-20.2 dB per front camera (two runs); a sample
+    without the road (the 300-step model of the CPU example's noise levels, one window per step) 17.2-17.9 dB."""
     res = demo.main(["--out", str(tmp_path)])
     assert "PSNR per camera" in capsys.readouterr().out
     front = {k: v for k, v in res["psnr"].items() if "front" in k}
